@@ -1,0 +1,27 @@
+"""GPT-NeoX model in plain torch (knows nothing of ranks) and its initialisation."""
+from megatron.model.gpt_neox import (
+    MLP,
+    Attention,
+    Block,
+    Embedding,
+    FinalNorm,
+    GPTNeoX,
+    Head,
+    ModelConfig,
+    RotaryEmbedding,
+)
+from megatron.model.init import init_std, init_weights
+
+__all__ = [
+    "MLP",
+    "Attention",
+    "Block",
+    "Embedding",
+    "FinalNorm",
+    "GPTNeoX",
+    "Head",
+    "ModelConfig",
+    "RotaryEmbedding",
+    "init_std",
+    "init_weights",
+]

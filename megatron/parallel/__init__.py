@@ -1,0 +1,38 @@
+"""Parallelism applied from outside the model: process groups, tensor parallelism,
+activation checkpointing and the DeepSpeed pipeline module."""
+from megatron.parallel.apply import (
+    apply_activation_checkpointing,
+    apply_tensor_parallel,
+    init_layers_sharded,
+    layer_modules,
+    local_blocks,
+)
+from megatron.parallel.groups import ParallelGroups, build_topology
+from megatron.parallel.pipeline import build_pipeline_module
+from megatron.parallel.tensor_parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    copy_to_tensor_parallel_region,
+    gather_from_tensor_parallel_region,
+    reduce_from_tensor_parallel_region,
+    vocab_parallel_cross_entropy,
+)
+
+__all__ = [
+    "ColumnParallelLinear",
+    "ParallelGroups",
+    "RowParallelLinear",
+    "VocabParallelEmbedding",
+    "apply_activation_checkpointing",
+    "apply_tensor_parallel",
+    "build_pipeline_module",
+    "build_topology",
+    "copy_to_tensor_parallel_region",
+    "gather_from_tensor_parallel_region",
+    "init_layers_sharded",
+    "layer_modules",
+    "local_blocks",
+    "reduce_from_tensor_parallel_region",
+    "vocab_parallel_cross_entropy",
+]

@@ -1,0 +1,47 @@
+# The two set-up commands of the README:
+#   make demo   # tiny NeoX model with L2E, trained on CPU on the embedded Austen corpus
+#   make test   # the test suite (CPU)
+# Both create .venv and install requirements on first use.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+export HF_HUB_OFFLINE       ?= 1
+export HF_DATASETS_OFFLINE  ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export WANDB_MODE           ?= offline
+export TOKENIZERS_PARALLELISM ?= false
+export PYTHONUNBUFFERED     := 1
+
+.PHONY: install demo demo-monitor test test-fast bench clean
+
+$(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c constraints.txt -r requirements.txt
+	$(BIN)/pip install -q -c constraints.txt --no-deps --no-build-isolation -e .
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(BIN)/python deepy.py train.py configs/local/tiny.yml
+
+demo-monitor: install
+	$(BIN)/python deepy.py train.py configs/local/tiny.yml configs/local/tiny_monitor.yml
+
+test: install
+	DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 $(BIN)/python tools/warm_deepspeed.py
+	DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -ra
+
+test-fast: install
+	DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m "not slow and not distributed"
+
+bench: install
+	OMP_NUM_THREADS=2 $(BIN)/python tools/bench/bench_train_step.py
+	OMP_NUM_THREADS=2 $(BIN)/python tools/bench/l2e_overhead.py
+	$(BIN)/python tools/bench/bench_index_maps.py
+
+clean:
+	rm -rf runs .pytest_cache

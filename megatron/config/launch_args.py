@@ -1,0 +1,114 @@
+"""How a config travels from deepy.py to every rank, and the shared command line.
+
+deepy.py validates the merged YAML once and passes it to each rank as
+``--neox_config <urlsafe base64 JSON>``, so all ranks rebuild identical arguments
+without re-reading files that might differ between nodes. ``python train.py a.yml``
+(no launcher) reads YAML files directly instead.
+"""
+import argparse
+import base64
+import binascii
+import json
+import os
+
+import yaml
+
+from megatron.errors import ConfigError
+
+NEOX_CONFIG_FLAG = "--neox_config"
+
+
+def config_parser(prog: str, with_script: bool) -> argparse.ArgumentParser:
+    """Command line of deepy.py (``with_script``) and of train.py/eval.py."""
+    p = argparse.ArgumentParser(prog=prog, description="GPT-NeoX-style YAML configs are "
+                                "merged (a key may appear in only one file).")
+    if with_script:
+        p.add_argument("script", help="entry point to run on every rank, e.g. train.py")
+    p.add_argument("configs", nargs="+", help="YAML config files")
+    p.add_argument("-d", "--conf_dir", help="directory prefixed to every config path")
+    p.add_argument("-H", "--hostfile", help="DeepSpeed hostfile (overrides the config)")
+    p.add_argument("--eval_tasks", nargs="+", help="lm-eval tasks (eval.py)")
+    p.add_argument("--iteration", type=int, help="checkpoint iteration to load")
+    p.add_argument("--eval_results_prefix", help="prefix of the eval results file")
+    for key in ("wandb_group", "wandb_team", "wandb_run_name"):
+        p.add_argument(f"--{key}")
+    p.add_argument("--override", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="set config keys last, over the files (VALUE is YAML), e.g. "
+                        "--override train_iters=14300 lr_decay_iters=14300")
+    return p
+
+
+def config_paths(configs, conf_dir=None) -> list[str]:
+    """NeoX's rule: ``-d DIR`` prefixes each path and ``.yml`` is added when missing."""
+    paths = []
+    for c in configs:
+        if not c.endswith((".yml", ".yaml")):
+            c += ".yml"
+        paths.append(os.path.join(conf_dir, c) if conf_dir else c)
+    return paths
+
+
+def overrides_from(ns: argparse.Namespace) -> dict:
+    keys = ("hostfile", "eval_tasks", "iteration", "eval_results_prefix",
+            "wandb_group", "wandb_team", "wandb_run_name")
+    out = {k: getattr(ns, k) for k in keys if getattr(ns, k) is not None}
+    for item in ns.override:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--override {item!r}: write KEY=VALUE, e.g. train_iters=14300")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def load_from_namespace(ns: argparse.Namespace):
+    from megatron.config.neox_args import NeoXArgs
+
+    return NeoXArgs.from_ymls(config_paths(ns.configs, ns.conf_dir), overrides_from(ns))
+
+
+def encode(args) -> str:
+    payload = {"args": args.to_dict(), "config_files": args.config_files or {}}
+    return base64.urlsafe_b64encode(json.dumps(payload).encode()).decode()
+
+
+def decode(b64: str):
+    from megatron.config.neox_args import NeoXArgs
+
+    try:
+        payload = json.loads(base64.urlsafe_b64decode(b64.encode()).decode())
+        args, files = payload["args"], payload["config_files"]
+    except (binascii.Error, ValueError, KeyError, TypeError):
+        raise ConfigError(f"{NEOX_CONFIG_FLAG} does not hold a config written by deepy.py; "
+                          f"launch with deepy.py or pass YAML files") from None
+    return NeoXArgs.from_dict(args, config_files=files)
+
+
+def consume(argv=None, prog: str = "train.py"):
+    """Arguments of a rank: from ``--neox_config B64`` (deepy.py) or YAML paths.
+
+    DeepSpeed's launcher appends ``--local_rank=N``; it is ignored (LOCAL_RANK is in
+    the environment).
+    """
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = [a for a in argv if not a.startswith("--local_rank")]
+    if NEOX_CONFIG_FLAG in argv:
+        i = argv.index(NEOX_CONFIG_FLAG)
+        if i + 1 >= len(argv):
+            raise ConfigError(f"{NEOX_CONFIG_FLAG} needs a value")
+        args = decode(argv[i + 1])
+    else:
+        args = load_from_namespace(config_parser(prog, with_script=False).parse_args(argv))
+    args.configure_world(world_size_from_env(args))
+    return args
+
+
+def world_size_from_env(args) -> int:
+    """WORLD_SIZE (torchrun, DeepSpeed), else srun's/MPI's count when the config says the
+    ranks were started that way, else 1 (plain ``python train.py``)."""
+    for var, applies in (("WORLD_SIZE", True), ("SLURM_NTASKS", args.deepspeed_slurm),
+                         ("OMPI_COMM_WORLD_SIZE", args.deepspeed_mpi)):
+        if applies and var in os.environ:
+            return int(os.environ[var])
+    return 1

@@ -1,0 +1,341 @@
+"""NeoXArgs: the validated, derived configuration of one run.
+
+    args = NeoXArgs.from_ymls(["configs/pythia/70M.yml", "configs/local_setup.yml"])
+    args.configure_world(8)          # dp, and the batch triple, for 8 ranks
+    args.set_vocab_size(50277)       # -> padded_vocab_size 50304
+    cfg = args.model_config()        # megatron.model.ModelConfig
+
+Derivation follows GPT-NeoX's ``calculate_derived`` (reference §2): batch triple,
+data-parallel size, precision, lr, attention types per layer, padded vocab.
+"""
+import dataclasses
+import importlib.util
+import logging
+import math
+import typing
+from dataclasses import dataclass
+
+from megatron.config import compat
+from megatron.config.l2e import L2EConfig
+from megatron.config.loading import merge_yamls, normalize_key
+from megatron.config.schema import (
+    NO_OP_KEYS, CheckpointArgs, DataArgs, EvalArgs, L2EArgs, LauncherArgs, LoggingArgs,
+    ModelArgs, OptimizerArgs, ParallelArgs, PerformanceArgs, TrainingArgs,
+)
+from megatron.config.types import check_value, nearest_hint
+from megatron.errors import ConfigError
+
+log = logging.getLogger(__name__)
+BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu",
+              "gradient_accumulation_steps")
+REQUIRED_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "seq_length")
+_warned_no_ops: set = set()
+
+
+@dataclass
+class NeoXArgs(ModelArgs, ParallelArgs, OptimizerArgs, TrainingArgs, DataArgs,
+               CheckpointArgs, LoggingArgs, EvalArgs, LauncherArgs, PerformanceArgs,
+               L2EArgs):
+    """Every GPT-NeoX key as a flat attribute, plus ours (``l2e``, ``data_preshuffled``,
+    ``nan_tolerance``, ``eval_num_fewshot``)."""
+
+    # Set per instance by _build; plain class attributes, so not config keys.
+    _sources = {}
+    _batch_given = {}
+
+    # ---- construction -------------------------------------------------------------
+
+    @classmethod
+    def from_ymls(cls, paths, overrides: dict | None = None) -> "NeoXArgs":
+        """Load, merge (disjoint), apply command-line overrides, validate and derive."""
+        values, sources, texts = merge_yamls(paths)
+        for key, value in (overrides or {}).items():
+            key = normalize_key(key)
+            values[key], sources[key] = value, "command line"
+        return cls._build(values, sources, texts)
+
+    @classmethod
+    def from_dict(cls, d: dict, config_files: dict | None = None) -> "NeoXArgs":
+        """Inverse of :meth:`to_dict`; ``config_files`` may also sit inside ``d``."""
+        d = {normalize_key(k): v for k, v in d.items()}
+        embedded = d.pop("config_files", None)
+        files = config_files if config_files is not None else embedded
+        return cls._build(d, {k: "config dict" for k in d}, files or {})
+
+    @classmethod
+    def _build(cls, values: dict, sources: dict, texts: dict) -> "NeoXArgs":
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        hints = typing.get_type_hints(cls)
+        kwargs = {}
+        for key, value in values.items():
+            src = sources[key]
+            if key == "l2e":
+                kwargs[key] = L2EConfig.from_dict(value, source=src)
+            elif key in fields:
+                kwargs[key] = check_value(key, value, hints[key], src)
+                _check_supported(key, kwargs[key], fields[key], src)
+            elif key in compat.NEOX_RUNTIME_KEYS:
+                continue
+            elif key in compat.NEOX_ONLY_DEFAULTS:
+                if not compat.is_neox_default(key, value):
+                    raise ConfigError(f"{src}: {key}={value!r} is not supported by neox-l2e; "
+                                      f"remove the key")
+            else:
+                valid = [*fields, *compat.NEOX_ONLY_DEFAULTS]
+                raise ConfigError(f"{src}: unknown key '{key}'{nearest_hint(key, valid)}")
+        args = cls(**kwargs)
+        args.config_files = dict(texts)
+        args._sources = dict(sources)
+        args._batch_given = {k: kwargs[k] for k in BATCH_KEYS if kwargs.get(k) is not None}
+        args._warn_no_ops()
+        args._derive()
+        return args
+
+    def _where(self, *keys) -> str:
+        """The files that set ``keys``, for error messages."""
+        srcs = sorted({self._sources[k] for k in keys if k in self._sources})
+        return ", ".join(srcs or sorted(self.config_files or {}) or ["config"])
+
+    def _warn_no_ops(self) -> None:
+        for key in sorted(NO_OP_KEYS & set(self._sources)):
+            field = PerformanceArgs.__dataclass_fields__[key]
+            if getattr(self, key) != field.default and key not in _warned_no_ops:
+                _warned_no_ops.add(key)
+                log.warning("config key %s is accepted for GPT-NeoX compatibility but has no "
+                            "effect in neox-l2e (%s)", key, field.metadata["help"])
+
+    # ---- derived values -----------------------------------------------------------
+
+    def _derive(self) -> None:
+        for key in REQUIRED_KEYS:
+            if getattr(self, key) is None:
+                raise ConfigError(f"{self._where(*REQUIRED_KEYS)}: required key '{key}' is "
+                                  f"missing; add it to one of the config files")
+        if self.max_position_embeddings is None:
+            self.max_position_embeddings = self.seq_length
+        self._check_shapes()
+        self.attention_config = self._expand_attention()
+        self.precision = self._derive_precision()
+        self._derive_lr()
+        self.is_pipe_parallel = self.pipe_parallel_size >= 1
+        for split in ("train", "valid", "test"):
+            paths = getattr(self, f"{split}_data_paths")
+            if paths and getattr(self, f"{split}_data_weights") is None:
+                setattr(self, f"{split}_data_weights", [1.0] * len(paths))
+        self.l2e.validate(self.num_layers, source=self._where("l2e"))
+        self.configure_world(self.world_size or self._implied_world())
+
+    def _implied_world(self) -> int:
+        """The world the config describes: the one its full batch triple implies, else the
+        smallest possible (one data-parallel rank). configure_world() sets the real one."""
+        ranks_per_replica = max(self.pipe_parallel_size, 1) * self.model_parallel_size
+        tb, mbs, gas = (self._batch_given.get(k) for k in BATCH_KEYS)
+        if None not in (tb, mbs, gas) and mbs * gas > 0 and tb % (mbs * gas) == 0:
+            return ranks_per_replica * max(tb // (mbs * gas), 1)
+        return ranks_per_replica
+
+    def _check_shapes(self) -> None:
+        h, heads, L = self.hidden_size, self.num_attention_heads, self.num_layers
+        tp, pp = self.model_parallel_size, self.pipe_parallel_size
+        where = self._where("hidden_size", "num_attention_heads")
+        if h % heads:
+            raise ConfigError(f"{where}: num_attention_heads={heads} must divide "
+                              f"hidden_size={h}")
+        if tp < 1 or heads % tp:
+            raise ConfigError(f"{self._where('model_parallel_size')}: model_parallel_size={tp} "
+                              f"must divide num_attention_heads={heads}")
+        if pp > L:
+            raise ConfigError(f"{self._where('pipe_parallel_size')}: pipe_parallel_size={pp} "
+                              f"exceeds num_layers={L}; use at most {L} stages")
+        if self.seq_length > self.max_position_embeddings:
+            raise ConfigError(f"{self._where('seq_length')}: seq_length={self.seq_length} "
+                              f"exceeds max_position_embeddings="
+                              f"{self.max_position_embeddings}")
+        if self.num_kv_heads not in (None, heads):
+            raise ConfigError(f"{self._where('num_kv_heads')}: num_kv_heads (grouped-query "
+                              f"attention) is not supported by neox-l2e; remove it")
+
+    def _expand_attention(self) -> list[str]:
+        """[[["flash"], 6]] -> ["flash"] * 6; an already expanded list passes through."""
+        L, spec = self.num_layers, self.attention_config
+        where = self._where("attention_config")
+        if spec is None:
+            return ["global"] * L
+        if all(isinstance(t, str) for t in spec):
+            types = list(spec)
+        else:
+            well_formed = all(isinstance(item, list) and len(item) == 2
+                              and isinstance(item[0], list) and isinstance(item[1], int)
+                              for item in spec)
+            if not well_formed:
+                raise ConfigError(f"{where}: attention_config must look like "
+                                  f"[[[\"flash\"], {L}]], got {spec!r}")
+            types = [t for kinds, repeat in spec for _ in range(repeat) for t in kinds]
+        if len(types) != L:
+            raise ConfigError(f"{where}: attention_config names {len(types)} layers but "
+                              f"num_layers={L}")
+        for t in types:
+            if t in compat.NEOX_ATTENTION_TYPES and t not in compat.ATTENTION_TYPES:
+                raise ConfigError(f"{where}: attention type '{t}' is not supported by "
+                                  f"neox-l2e; use 'global' or 'flash'")
+            if t not in compat.ATTENTION_TYPES:
+                raise ConfigError(f"{where}: unknown attention type '{t}'"
+                                  f"{nearest_hint(t, compat.NEOX_ATTENTION_TYPES)}")
+        return types
+
+    def _derive_precision(self) -> str:
+        """fp16 dict (type bfloat16 means bf16, as in NeoX's Pythia-1B) or bf16 dict; a
+        ``precision`` key alone is honoured, as in NeoX."""
+        fp16, bf16 = self.fp16 or {}, self.bf16 or {}
+        found = None
+        if fp16.get("enabled", False):
+            found = "bfloat16" if fp16.get("type") in ("bfloat16", "bf16") else "fp16"
+        if bf16.get("enabled", False):
+            if found == "fp16":
+                raise ConfigError(f"{self._where('fp16', 'bf16')}: fp16 and bf16 are both "
+                                  f"enabled; enable one")
+            found = "bfloat16"
+        if None not in (self.precision, found) and self.precision != found:
+            raise ConfigError(f"{self._where('precision')}: precision={self.precision!r} but "
+                              f"the fp16/bf16 dicts say {found!r}; make them agree")
+        return found or self.precision or "fp32"
+
+    def _derive_lr(self) -> None:
+        if self.optimizer is None:
+            return
+        params = self.optimizer.get("params", {})
+        if "type" not in self.optimizer or not isinstance(params, dict):
+            raise ConfigError(f"{self._where('optimizer')}: optimizer must look like "
+                              f"{{type: Adam, params: {{lr: ...}}}}, got {self.optimizer!r}")
+        if "lr" in params:
+            self.lr = check_value("optimizer.params.lr", params["lr"], float,
+                                  self._where("optimizer"))
+
+    def configure_world(self, world_size: int) -> None:
+        """Set world/data-parallel size and fill the batch triple for ``world_size`` ranks."""
+        pp, tp = max(self.pipe_parallel_size, 1), self.model_parallel_size
+        if world_size < 1 or world_size % (pp * tp):
+            raise ConfigError(
+                f"{self._where('pipe_parallel_size', 'model_parallel_size')}: world size "
+                f"{world_size} is not a multiple of pipe_parallel_size*model_parallel_size = "
+                f"{pp}*{tp}; change the GPU count or the parallel sizes")
+        dp = world_size // (pp * tp)
+        tb, mbs, gas = (self._batch_given.get(k) for k in BATCH_KEYS)
+        where = self._where(*BATCH_KEYS)
+        if tb is None and mbs is None:
+            raise ConfigError(f"{where}: set train_micro_batch_size_per_gpu or "
+                              f"train_batch_size")
+        if mbs is None:
+            gas = gas or 1
+            mbs = tb // (gas * dp)
+        elif tb is None:
+            gas = gas or 1
+            tb = mbs * gas * dp
+        elif gas is None:
+            gas = tb // (mbs * dp)
+        if min(tb, mbs, gas) < 1 or tb != mbs * gas * dp:
+            raise ConfigError(
+                f"{where}: train_batch_size={tb} must equal train_micro_batch_size_per_gpu="
+                f"{mbs} x gradient_accumulation_steps={gas} x data-parallel size {dp} "
+                f"(world {world_size}); fix one or leave one out to derive it")
+        self.train_batch_size, self.train_micro_batch_size_per_gpu = tb, mbs
+        self.gradient_accumulation_steps = gas
+        self.world_size, self.data_parallel_size = world_size, dp
+
+    def set_vocab_size(self, vocab_size: int) -> int:
+        """Pad the tokenizer's vocab to a multiple of divisible_by * model_parallel_size."""
+        multiple = self.make_vocab_size_divisible_by * self.model_parallel_size
+        self.padded_vocab_size = math.ceil(vocab_size / multiple) * multiple
+        return self.padded_vocab_size
+
+    # ---- views ----------------------------------------------------------------------
+
+    def to_dict(self, derived: bool = False) -> dict:
+        """Non-default values under NeoX key names, JSON-able.
+
+        Derived values are left out unless ``derived``: ``from_dict`` recomputes them,
+        so the dict stays valid when the world size changes.
+        """
+        out = {}
+        for f in dataclasses.fields(self):
+            if f.name == "config_files" or (f.metadata["derived"] and not derived):
+                continue
+            if f.name in BATCH_KEYS and not derived and f.name not in self._batch_given:
+                continue
+            value = getattr(self, f.name)
+            if f.name == "l2e":
+                value = value.to_dict()
+                if value:
+                    out["l2e"] = value
+                continue
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            if value != default:
+                out[f.name] = value
+        return out
+
+    def model_config(self):
+        """The architecture as a :class:`megatron.model.ModelConfig`."""
+        from megatron.model import ModelConfig
+
+        if self.padded_vocab_size is None:
+            raise ConfigError("padded_vocab_size is unknown: build the tokenizer (or call "
+                              "args.set_vocab_size(n)) before building the model")
+        return ModelConfig(
+            vocab_size=self.padded_vocab_size,
+            hidden_size=self.hidden_size,
+            num_layers=self.num_layers,
+            num_heads=self.num_attention_heads,
+            max_position_embeddings=self.max_position_embeddings,
+            rotary_pct=self.rotary_pct,
+            rotary_base=float(self.rotary_emb_base),
+            parallel_residual=self.gpt_j_residual,
+            layernorm_eps=self.layernorm_epsilon,
+            gelu_tanh=self.bias_gelu_fusion,
+            intermediate_size=self.intermediate_size,
+            hidden_dropout=self.hidden_dropout,
+            attention_dropout=self.attention_dropout,
+            tie_embeddings=not self.no_weight_tying,
+            init_method=self.init_method,
+            output_layer_init_method=self.output_layer_init_method,
+            init_std=self.init_method_std,
+            attention_impl=self.attention_impl(),
+        )
+
+    def attention_impl(self) -> str:
+        """'flash' only when the config asks for it and flash-attn can run (CUDA)."""
+        import torch
+
+        wants_flash = "flash" in (self.attention_config or [])
+        if wants_flash and torch.cuda.is_available() and importlib.util.find_spec("flash_attn"):
+            return "flash"
+        return "sdpa"
+
+    # ---- launch plumbing (see megatron.config.launch_args) -----------------------------
+
+    def launch_argument(self) -> str:
+        from megatron.config.launch_args import encode
+
+        return encode(self)
+
+    @classmethod
+    def from_launch_argument(cls, b64: str) -> "NeoXArgs":
+        from megatron.config.launch_args import decode
+
+        return decode(b64)
+
+    @classmethod
+    def consume_launch_args(cls, argv=None) -> "NeoXArgs":
+        """A rank's arguments from ``--neox_config`` (deepy.py) or YAML paths."""
+        from megatron.config.launch_args import consume
+
+        return consume(argv)
+
+    consume_neox_args = consume_launch_args  # GPT-NeoX's name for the same step
+
+
+def _check_supported(key: str, value, field, source: str) -> None:
+    supported = field.metadata["supported"]
+    if supported is not None and value not in supported:
+        shown = ", ".join(repr(s) for s in supported)
+        raise ConfigError(f"{source}: {key}={value!r} is not supported by neox-l2e "
+                          f"(supported: {shown})")

@@ -1,0 +1,282 @@
+"""The NeoX config schema: one dataclass per group, NeoX key names and defaults.
+
+Each field's ``metadata`` holds its help text (rendered into configs/neox_arguments.md)
+and, for keys whose other NeoX values change the math in ways we do not implement,
+the tuple of ``supported`` values. ``NeoXArgs`` inherits all groups, so every key is a
+flat attribute (``args.num_layers``) as in GPT-NeoX.
+"""
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from megatron.config.l2e import L2EConfig
+
+INIT_METHODS = Literal[
+    "normal", "scaled_normal", "orthogonal", "scaled_orthogonal", "xavier_uniform",
+    "xavier_normal", "wang_init", "small_init", "single_residual_scaled_normal",
+]
+SUPPORTED_INITS = ("normal", "scaled_normal", "small_init", "wang_init")
+
+
+def arg(default, help: str, supported: tuple | None = None, derived: bool = False):
+    """A schema field: default (copied if mutable), help text, optional supported values."""
+    meta = {"help": help, "supported": supported, "derived": derived}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelArgs:
+    num_layers: Optional[int] = arg(None, "Number of transformer blocks L.")
+    hidden_size: Optional[int] = arg(None, "Width h of the residual stream.")
+    num_attention_heads: Optional[int] = arg(None, "Attention heads; must divide hidden_size.")
+    seq_length: Optional[int] = arg(None, "Training sequence length in tokens.")
+    max_position_embeddings: Optional[int] = arg(None, "Longest sequence the model accepts.")
+    intermediate_size: Optional[int] = arg(None, "MLP width; null means 4 * hidden_size.")
+    pos_emb: Literal["learned", "rotary", "sinusoidal", "rpe", "alibi", "none"] = arg(
+        "rotary", "Position embedding. Only rotary is implemented (NeoX's own default is "
+        "'learned'; every Pythia config sets rotary).", supported=("rotary",))
+    rotary_pct: float = arg(1.0, "Fraction of each head's channels that are rotated.")
+    rotary_emb_base: float = arg(10000.0, "Rotary frequency base.")
+    gpt_j_residual: bool = arg(False, "Parallel residual: x + attn(ln1(x)) + mlp(ln2(x)).")
+    gpt_j_tied: bool = arg(False, "One shared LayerNorm in parallel-residual blocks.",
+                           supported=(False,))
+    no_weight_tying: bool = arg(False, "Untie the output head from the input embedding.")
+    norm: Literal["layernorm", "rmsnorm", "non_parametric_layernorm", "scalenorm",
+                  "te_rmsnorm", "te_layernorm"] = arg(
+        "layernorm", "Normalisation layer.", supported=("layernorm",))
+    layernorm_epsilon: float = arg(1.0e-5, "LayerNorm epsilon.")
+    activation: Literal["gelu", "geglu", "relu", "softsign", "swish", "mish", "silu",
+                        "reglu", "swiglu", "bilinear", "glu"] = arg(
+        "gelu", "MLP activation.", supported=("gelu",))
+    bias_gelu_fusion: bool = arg(
+        False, "NeoX's fused bias+GELU kernel, which is the tanh approximation; here it "
+        "selects tanh GELU (true) or exact erf GELU (false). No kernel is needed.")
+    attention_config: Optional[list] = arg(
+        None, "Attention type per layer, e.g. [[[\"flash\"], 6]]. 'global' and 'flash' "
+        "are supported; flash runs flash-attn when installed on CUDA, else SDPA.")
+    num_kv_heads: Optional[int] = arg(None, "Grouped-query attention heads; only null or "
+                                            "num_attention_heads (plain attention).")
+    sliding_window_width: Optional[int] = arg(None, "Sliding-window attention width.",
+                                              supported=(None,))
+    use_qk_layernorm: bool = arg(False, "LayerNorm on queries and keys.", supported=(False,))
+    use_bias_in_norms: bool = arg(True, "Bias in LayerNorms.", supported=(True,))
+    use_bias_in_attn_linear: bool = arg(True, "Bias in attention linears.", supported=(True,))
+    use_bias_in_mlp: bool = arg(True, "Bias in MLP linears.", supported=(True,))
+    init_method: INIT_METHODS = arg(
+        "normal", "Init of QKV, MLP-in, embedding and head.", supported=SUPPORTED_INITS)
+    output_layer_init_method: INIT_METHODS = arg(
+        "scaled_normal", "Init of attention.dense and MLP-out.", supported=SUPPORTED_INITS)
+    init_method_std: float = arg(0.02, "Standard deviation of 'normal' init.")
+    hidden_dropout: float = arg(0.0, "Dropout on attention and MLP outputs.")
+    attention_dropout: float = arg(0.0, "Dropout on attention probabilities.")
+    make_vocab_size_divisible_by: int = arg(128, "Vocab is padded to a multiple of this "
+                                                 "times model_parallel_size.")
+    padded_vocab_size: Optional[int] = arg(None, "Set from the tokenizer's vocab size "
+                                                 "(args.set_vocab_size).")
+    output_layer_parallelism: Literal["column"] = arg("column", "How the head is split.")
+    precision: Optional[Literal["fp16", "fp32", "bfloat16"]] = arg(
+        None, "Derived from the fp16/bf16 dicts (an fp16 dict with type bfloat16 "
+        "means bfloat16).", derived=True)
+
+
+@dataclass
+class ParallelArgs:
+    pipe_parallel_size: int = arg(0, "Pipeline stages; 0 = no pipeline module (counts as 1).")
+    model_parallel_size: int = arg(1, "Tensor-parallel ranks.")
+    pipe_partition_method: str = arg("type:transformer|mlp", "DeepSpeed pipeline partitioning.")
+    distributed_backend: str = arg("nccl", "torch.distributed backend; gloo is used "
+                                           "automatically on CPU.")
+    world_size: Optional[int] = arg(None, "Total ranks.", derived=True)
+    data_parallel_size: Optional[int] = arg(None, "world / (pp * tp).", derived=True)
+    is_pipe_parallel: bool = arg(False, "pipe_parallel_size >= 1.", derived=True)
+
+
+@dataclass
+class OptimizerArgs:
+    optimizer: Optional[dict] = arg(None, "DeepSpeed-style {type, params: {lr, betas, eps}}.")
+    lr: Optional[float] = arg(None, "Derived from optimizer.params.lr.", derived=True)
+    min_lr: float = arg(0.0, "Floor of the decayed learning rate.")
+    lr_decay_style: Literal["constant", "linear", "cosine", "exponential"] = arg(
+        "linear", "Learning-rate decay after warmup.")
+    lr_decay_iters: Optional[int] = arg(None, "Decay length; null means train_iters.")
+    lr_decay_fraction: Optional[float] = arg(None, "Decay length as a fraction of train_iters.")
+    warmup: float = arg(0.01, "Warmup steps as a fraction of the decay iterations.")
+    override_lr_scheduler: bool = arg(False, "Ignore the scheduler state in the checkpoint.")
+    use_checkpoint_lr_scheduler: bool = arg(False, "Take scheduler settings from the checkpoint.")
+    weight_decay: float = arg(0.1, "Decoupled weight decay (not on biases and norms).")
+    gradient_clipping: float = arg(1.0, "Global gradient-norm clip.")
+    zero_optimization: Optional[dict] = arg(None, "DeepSpeed ZeRO config dict.")
+    fp16: Optional[dict] = arg(None, "DeepSpeed fp16 dict (loss scaling).")
+    bf16: Optional[dict] = arg(None, "DeepSpeed bf16 dict.")
+    fp32_allreduce: bool = arg(False, "All-reduce gradients in fp32.")
+    prescale_gradients: bool = arg(False, "DeepSpeed prescale_gradients.")
+    gradient_predivide_factor: float = arg(1.0, "DeepSpeed gradient_predivide_factor.")
+    data_types: Optional[dict] = arg(None, "DeepSpeed data_types dict (grad_accum_dtype).")
+
+
+@dataclass
+class TrainingArgs:
+    train_batch_size: Optional[int] = arg(None, "Global batch = micro_batch * grad_accum * dp.")
+    train_micro_batch_size_per_gpu: Optional[int] = arg(None, "Micro-batch per rank.")
+    gradient_accumulation_steps: Optional[int] = arg(
+        None, "Micro-batches per step; filled from the other two (1 if only the micro "
+        "batch is given).")
+    train_iters: Optional[int] = arg(None, "Optimizer steps to train.")
+    seed: int = arg(1234, "Seed for init, data order and dropout.")
+    checkpoint_activations: bool = arg(False, "Recompute activations in the backward pass.")
+    checkpoint_num_layers: int = arg(1, "Blocks per activation-checkpoint chunk.")
+    eod_mask_loss: bool = arg(False, "Do not train on predicting end-of-document tokens.")
+    exit_interval: Optional[int] = arg(None, "Stop after this many iterations of this run.")
+    nan_tolerance: int = arg(10, "Consecutive non-finite losses tolerated before stopping.")
+    finetune: bool = arg(False, "Load weights only; start at iteration 0.")
+    deepspeed: bool = arg(True, "Train with DeepSpeed (always).", supported=(True,))
+    deepspeed_extra_args: Optional[dict] = arg(None, "Extra keys merged into the DeepSpeed "
+                                                     "config.")
+
+
+@dataclass
+class DataArgs:
+    data_path: Optional[str] = arg(None, "One .bin/.idx prefix, split by `split`.")
+    train_data_paths: Optional[list[str]] = arg(None, "Training prefixes (blended).")
+    valid_data_paths: Optional[list[str]] = arg(None, "Validation prefixes.")
+    test_data_paths: Optional[list[str]] = arg(None, "Test prefixes.")
+    train_data_weights: Optional[list[float]] = arg(None, "Blend weights of train paths.")
+    valid_data_weights: Optional[list[float]] = arg(None, "Blend weights of valid paths.")
+    test_data_weights: Optional[list[float]] = arg(None, "Blend weights of test paths.")
+    weight_by_num_documents: bool = arg(False, "Weights from document counts.")
+    weighted_sampler_alpha: float = arg(1.0, "Temperature of document-count weights.")
+    data_impl: Literal["infer", "mmap", "cached"] = arg(
+        "infer", "Indexed dataset format.", supported=("infer", "mmap"))
+    split: str = arg("969, 30, 1", "train/valid/test split of data_path.")
+    num_workers: int = arg(2, "DataLoader workers.")
+    data_preshuffled: bool = arg(False, "The data is Pythia's pre-shuffled stream of "
+                                        "2049-token rows: step t reads rows [t*B, (t+1)*B).")
+    pack_impl: Literal["packed", "pack_until_overflow", "unpacked"] = arg(
+        "packed", "Sample packing.", supported=("packed",))
+    dataset_impl: Literal["gpt2", "pairwise", "online"] = arg(
+        "gpt2", "Dataset kind.", supported=("gpt2",))
+    train_impl: Literal["normal", "dpo", "rm", "kto", "reinforce"] = arg(
+        "normal", "Training objective.", supported=("normal",))
+    allow_chopped: bool = arg(True, "Allow samples cut at the sequence length.")
+    tokenizer_type: Literal["GPT2BPETokenizer", "HFTokenizer", "HFGPT2Tokenizer",
+                            "SPMTokenizer", "CharLevelTokenizer", "TiktokenTokenizer"] = arg(
+        "GPT2BPETokenizer", "Tokenizer kind.")
+    vocab_file: Optional[str] = arg(None, "Tokenizer file (HF tokenizer.json or GPT-2 vocab).")
+    merge_file: Optional[str] = arg(None, "GPT-2 BPE merges file.")
+
+
+@dataclass
+class CheckpointArgs:
+    save: Optional[str] = arg(None, "Directory to write checkpoints to.")
+    load: Optional[str] = arg(None, "Directory to resume from.")
+    checkpoint_factor: Optional[Union[int, float]] = arg(None, "Save every N steps (linear) "
+                                                               "or at powers of N (log).")
+    checkpoint_scale: Literal["linear", "log"] = arg("linear", "Save schedule.")
+    extra_save_iters: Optional[list[int]] = arg(None, "Extra steps to save at.")
+    keep_last_n_checkpoints: Optional[int] = arg(None, "Delete older checkpoints.")
+    no_save_optim: bool = arg(False, "Do not save optimizer state.")
+    no_save_rng: bool = arg(False, "Do not save RNG state.")
+    no_load_optim: bool = arg(False, "Do not load optimizer state.")
+    no_load_rng: bool = arg(False, "Do not load RNG state.")
+    iteration: Optional[int] = arg(None, "Load this iteration instead of `latest`.")
+    config_files: Optional[dict] = arg(None, "Raw YAML texts by file name; filled by the "
+                                             "loader and saved in every checkpoint.")
+
+
+@dataclass
+class LoggingArgs:
+    log_dir: Optional[str] = arg(None, "Directory for logs and metrics.jsonl.")
+    log_interval: int = arg(100, "Steps between console/metric lines.")
+    tensorboard_dir: Optional[str] = arg(None, "TensorBoard directory (off when null).")
+    use_wandb: Optional[bool] = arg(None, "Log to Weights & Biases.")
+    wandb_project: str = arg("neox", "wandb project.")
+    wandb_group: Optional[str] = arg(None, "wandb group.")
+    wandb_run_name: Optional[str] = arg(None, "wandb run name.")
+    wandb_team: Optional[str] = arg(None, "wandb entity.")
+    wandb_host: str = arg("https://api.wandb.ai", "wandb server.")
+    wandb_init_all_ranks: bool = arg(False, "Start wandb on every rank.")
+    log_grad_norm: bool = arg(False, "Log per-parameter gradient norms.")
+    log_param_norm: bool = arg(False, "Log per-parameter norms.")
+    log_grad_pct_zeros: bool = arg(False, "Log the fraction of zero gradients.")
+    log_optimizer_states: bool = arg(False, "Log optimizer-state norms.")
+    peak_theoretical_tflops: Optional[float] = arg(None, "Per-GPU peak for MFU.")
+    steps_per_print: int = arg(10, "DeepSpeed's own print interval.")
+    wall_clock_breakdown: bool = arg(False, "DeepSpeed timers breakdown.")
+
+
+@dataclass
+class EvalArgs:
+    eval_interval: int = arg(1000, "Steps between validation-loss evaluations.")
+    eval_iters: int = arg(100, "Validation batches per evaluation.")
+    eval_tasks: Optional[list[str]] = arg(None, "lm-eval tasks for eval.py (and every "
+                                                "eval_interval when set).")
+    eval_num_fewshot: int = arg(0, "Few-shot examples for eval_tasks.")
+    eval_results_prefix: str = arg("", "Prefix of the eval results JSON file.")
+
+
+@dataclass
+class LauncherArgs:
+    hostfile: Optional[str] = arg(None, "DeepSpeed hostfile: 'host slots=N' per line.")
+    include: Optional[str] = arg(None, "Hosts/GPUs to use, e.g. 'node1:0,1@node2'.")
+    exclude: Optional[str] = arg(None, "Hosts/GPUs to skip.")
+    num_nodes: int = arg(-1, "Use the first N hosts of the hostfile (-1: all).")
+    num_gpus: Optional[int] = arg(None, "GPUs per node (CPU: processes).")
+    master_port: int = arg(29500, "Rendezvous port.")
+    master_addr: Optional[str] = arg(None, "Rendezvous address.")
+    launcher: Literal["pdsh", "openmpi", "mvapich", "slurm"] = arg(
+        "pdsh", "Multi-node launcher.")
+    force_multi: bool = arg(False, "Use the multi-node launcher even on one node.")
+    no_ssh_check: bool = arg(False, "Skip DeepSpeed's passwordless-ssh check.")
+    comment: Optional[str] = arg(None, "slurm --comment.")
+    account: Optional[str] = arg(None, "slurm --account.")
+    deepspeed_slurm: bool = arg(False, "Ranks read SLURM_* variables.")
+    deepspeed_mpi: bool = arg(False, "Ranks discover their rank through MPI.")
+
+
+@dataclass
+class PerformanceArgs:
+    """CUDA kernels and memory tricks. Accepted so NeoX configs load; no effect here."""
+
+    scaled_upper_triang_masked_softmax_fusion: bool = arg(False, "Fused causal softmax "
+                                                                 "(SDPA/flash does this).")
+    scaled_masked_softmax_fusion: bool = arg(False, "Fused masked softmax.")
+    bias_dropout_fusion: bool = arg(False, "Fused bias+dropout.")
+    layernorm_fusion: bool = arg(False, "Fused LayerNorm kernel.")
+    rope_fusion: bool = arg(False, "Fused rotary kernel.")
+    fused_kernels_build_path: Optional[str] = arg(None, "Where NeoX JIT-builds kernels.")
+    fp16_lm_cross_entropy: bool = arg(False, "Cross-entropy in fp16 (always fp32 here).")
+    apply_query_key_layer_scaling: bool = arg(False, "fp16 overflow trick; same math.")
+    attention_softmax_in_fp32: bool = arg(False, "Softmax precision (SDPA decides).")
+    use_cpu_initialization: bool = arg(False, "Init weights on CPU first.")
+    partition_activations: bool = arg(False, "Shard checkpointed activations over TP.")
+    synchronize_each_layer: bool = arg(False, "CUDA sync per checkpointed layer.")
+    contiguous_checkpointing: bool = arg(False, "Contiguous checkpoint buffers.")
+    checkpoint_in_cpu: bool = arg(False, "Offload checkpointed activations.")
+    deepspeed_activation_checkpointing: bool = arg(True, "Use DeepSpeed's checkpointing.")
+    profile_backward: bool = arg(False, "Profile the backward pass.")
+    sequence_parallel: bool = arg(False, "Megatron sequence parallelism.")
+    rotary_save_freqs_buffer: bool = arg(False, "Save inv_freq in checkpoints.")
+    use_shared_fs: bool = arg(True, "Index maps built once on a shared filesystem.")
+    mmap_warmup: bool = arg(False, "Touch every page of the mmap at start.")
+    checkpoint_validation_with_forward_pass: bool = arg(False, "Re-run a forward after load.")
+    memory_profiling: bool = arg(False, "CUDA memory snapshots.")
+    memory_profiling_path: Optional[str] = arg(None, "Where to write memory snapshots.")
+    profile: bool = arg(False, "nsys profiling ranges.")
+    profile_step_start: int = arg(10, "First profiled step.")
+    profile_step_stop: int = arg(12, "Last profiled step.")
+    dump_state: bool = arg(False, "DeepSpeed dump_state.")
+
+
+@dataclass
+class L2EArgs:
+    l2e: L2EConfig = field(default_factory=L2EConfig, metadata={
+        "help": "Nested L2E block (see the L2E table below).", "supported": None,
+        "derived": False})
+
+
+GROUPS = (ModelArgs, ParallelArgs, OptimizerArgs, TrainingArgs, DataArgs, CheckpointArgs,
+          LoggingArgs, EvalArgs, LauncherArgs, PerformanceArgs, L2EArgs)
+NO_OP_KEYS = frozenset(f.name for f in dataclasses.fields(PerformanceArgs))

@@ -1,0 +1,174 @@
+"""Datasets from the NeoX config keys, and the per-rank micro-batch stream.
+
+Sample counts, split arithmetic, blend weights and the order in which ranks read items
+are GPT-NeoX v1.0's, so a NeoX config trains on the same tokens in the same order.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from megatron.data.blendable_dataset import BlendableDataset
+from megatron.data.gpt2_dataset import GPT2Dataset
+from megatron.data.indexed_dataset import MMapIndexedDataset
+from megatron.data.preshuffled_dataset import PreshuffledDataset
+from megatron.errors import ConfigError
+
+BLEND_MARGIN = 1.005  # NeoX asks each blended dataset for 0.5% extra samples
+
+
+def num_samples(args) -> tuple[int, int, int]:
+    """Samples needed by train, valid and test (NeoX's formulas)."""
+    batch = args.train_batch_size
+    evals = args.train_iters // args.eval_interval + 1
+    return (args.train_iters * batch, evals * args.eval_iters * batch, args.eval_iters * batch)
+
+
+def split_boundaries(split: str, num_docs: int) -> list[int]:
+    """"969,30,1" -> document boundaries [0, a, b, num_docs] (NeoX rounding)."""
+    sep = "," if "," in split else "/"
+    try:
+        parts = [float(s) for s in split.split(sep)]
+    except ValueError:
+        raise ConfigError(f"split: {split!r} is not like '969,30,1'") from None
+    parts = (parts + [0.0, 0.0])[:3]
+    if sum(parts) <= 0 or min(parts) < 0:
+        raise ConfigError(f"split: {split!r} must be non-negative with a positive sum")
+    bounds = [0]
+    for p in parts:
+        bounds.append(bounds[-1] + int(round(p / sum(parts) * float(num_docs))))
+    excess = bounds[-1] - num_docs
+    return [bounds[0]] + [b - excess for b in bounds[1:]]
+
+
+def blend_num_samples(weights, total: int) -> tuple[list[float], list[int]]:
+    if not weights or sum(weights) <= 0:
+        raise ConfigError("*_data_weights: give one positive weight per data path")
+    weights = [w / sum(weights) for w in weights]
+    return weights, [int(math.ceil(total * w * BLEND_MARGIN)) for w in weights]
+
+
+def _check_impl(args) -> None:
+    impl = getattr(args, "data_impl", "mmap")
+    if impl not in ("mmap", "infer"):
+        raise ConfigError(f"data_impl: {impl!r} is not supported; use 'mmap' (re-run "
+                          f"preprocess_data.py for old 'cached'/'lazy' data)")
+
+
+def _gpt2(args, prefix, name, documents, indexed, n):
+    return GPT2Dataset(name, prefix, documents, indexed, n, args.seq_length, args.seed,
+                       use_shared_fs=getattr(args, "use_shared_fs", True))
+
+
+def weights_by_num_docs(num_docs, alpha: float) -> list[float]:
+    """NeoX's weight_by_num_documents: p_i ~ (n_i/N)^alpha, damped by (1 - n_i/N)."""
+    if len(num_docs) == 1:
+        return [1.0]
+    share = np.asarray(num_docs, dtype=np.float64) / sum(num_docs)
+    prob = share ** alpha / np.sum(share ** alpha)
+    weights = prob * (1 - share)
+    return (weights / weights.sum()).tolist()
+
+
+def _blend(args, paths, weights, total, kind):
+    indexed = [MMapIndexedDataset(prefix) for prefix in paths]
+    if getattr(args, "weight_by_num_documents", False):
+        weights = weights_by_num_docs([len(d) for d in indexed], args.weighted_sampler_alpha)
+    elif weights is None:
+        weights = [1.0] * len(paths)
+    if len(weights) != len(paths):
+        raise ConfigError(f"{kind}_data_weights: {len(weights)} weights for {len(paths)} "
+                          f"{kind}_data_paths; give one weight per path")
+    weights, counts = blend_num_samples(weights, total)
+    datasets = [_gpt2(args, prefix, f"{kind}_{i}", np.arange(len(ds), dtype=np.int32), ds, n)
+                for i, (prefix, ds, n) in enumerate(zip(paths, indexed, counts))]
+    return BlendableDataset(datasets, weights)
+
+
+def _preshuffled_train(args, n):
+    paths = args.train_data_paths or [args.data_path]
+    if len(paths) != 1 or paths[0] is None:
+        raise ConfigError("data_preshuffled: needs exactly one train data path (the unsharded "
+                          "pre-shuffled 'document' prefix) in data_path or train_data_paths")
+    return PreshuffledDataset(MMapIndexedDataset(paths[0]), args.seq_length, n)
+
+
+def build_train_valid_test_datasets(args):
+    """(train, valid, test) datasets; an entry is None when it has no data.
+
+    ``data_preshuffled`` applies to the train set; valid/test are built the usual way.
+    """
+    _check_impl(args)
+    counts = num_samples(args)
+    preshuffled = getattr(args, "data_preshuffled", False)
+    if args.train_data_paths:
+        kinds = ("train", "valid", "test")
+        out = []
+        for kind, n in zip(kinds, counts):
+            paths = getattr(args, f"{kind}_data_paths", None)
+            if kind == "train" and preshuffled:
+                out.append(_preshuffled_train(args, n))
+            elif paths:
+                out.append(_blend(args, paths, getattr(args, f"{kind}_data_weights", None), n, kind))
+            else:
+                out.append(None)
+        return tuple(out)
+    if not args.data_path:
+        raise ConfigError("data_path: not set; give data_path (a .bin/.idx prefix) or "
+                          "train_data_paths/valid_data_paths/test_data_paths")
+    indexed = MMapIndexedDataset(args.data_path)
+    bounds = split_boundaries(args.split, len(indexed))
+    out = []
+    for i, (kind, n) in enumerate(zip(("train", "valid", "test"), counts)):
+        if kind == "train" and preshuffled:
+            out.append(PreshuffledDataset(indexed, args.seq_length, n))
+        elif bounds[i + 1] > bounds[i]:
+            documents = np.arange(bounds[i], bounds[i + 1], dtype=np.int32)
+            out.append(_gpt2(args, args.data_path, kind, documents, indexed, n))
+        else:
+            out.append(None)
+    return tuple(out)
+
+
+def _read_items(dataset, start: int, stop: int) -> np.ndarray:
+    if hasattr(dataset, "rows"):  # contiguous fixed-width items: one slice, no loop
+        return dataset.rows(start, stop)
+    return np.stack([dataset[k]["text"] for k in range(start, stop)])
+
+
+def make_data_iterator(dataset, args, dp_rank: int, dp_size: int, start_iteration: int = 0):
+    """Yield this rank's micro-batches {"text": LongTensor[mbs, seq_length+1]} forever.
+
+    Micro-batch b covers items [b*mbs*dp, (b+1)*mbs*dp) and rank r takes the contiguous
+    slice [r*mbs, (r+1)*mbs) of it; a step is gas consecutive micro-batches, so step t
+    sees items [t*B, (t+1)*B) whatever the dp/gas split. Resuming at iteration i skips
+    i*gas micro-batches without reading them (NeoX saves no loader state). At the end
+    of the dataset the stream starts again from item 0, as NeoX's modulo does on resume.
+    """
+    mbs, gas = args.train_micro_batch_size_per_gpu, args.gradient_accumulation_steps
+    per_micro_step = mbs * dp_size
+    num_batches = len(dataset) // per_micro_step
+    if num_batches == 0:
+        raise ConfigError(f"train_micro_batch_size_per_gpu: {mbs} x {dp_size} ranks exceeds "
+                          f"the {len(dataset)} samples of the dataset; lower the batch size")
+    b = (start_iteration * gas) % num_batches
+    while True:
+        start = b * per_micro_step + dp_rank * mbs
+        yield {"text": torch.from_numpy(_read_items(dataset, start, start + mbs))}
+        b = (b + 1) % num_batches
+
+
+def get_batch(text: torch.Tensor, eod_token: int, eod_mask_loss: bool = False):
+    """(tokens, labels, loss_mask): inputs, next-token targets, 1.0 where loss counts.
+
+    As NeoX, eod_mask_loss zeroes the loss where the *input* token is EOD (the
+    prediction across a document boundary).
+    """
+    text = text.long()
+    tokens, labels = text[:, :-1].contiguous(), text[:, 1:].contiguous()
+    loss_mask = torch.ones(tokens.shape, dtype=torch.float32, device=text.device)
+    if eod_mask_loss:
+        loss_mask[tokens == eod_token] = 0.0
+    return tokens, labels, loss_mask

@@ -1,0 +1,161 @@
+"""GPT2Dataset: fixed-length training samples cut from a stream of shuffled documents.
+
+Three index maps, built exactly as GPT-NeoX v1.0 builds them so that a run reads the
+same tokens in the same order (and the cached ``.npy`` files are interchangeable):
+
+* ``doc_idx``     the documents repeated for E epochs, int32, shuffled once as a whole;
+* ``sample_idx``  [n+1, 2] int32: (position in doc_idx, token offset) where sample s
+                  starts. Concatenating the documents in doc_idx order, sample s is the
+                  tokens at positions [s*S, s*S + S] inclusive: S+1 tokens, its last token
+                  is the next sample's first (the labels of one are the inputs of the next);
+* ``shuffle_idx`` arange(n), uint32, shuffled with the same RandomState, continuing.
+
+Item k of the dataset is sample ``shuffle_idx[k]``.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from megatron.errors import DataError
+
+INT32_MAX = np.iinfo(np.int32).max
+
+
+def num_epochs(tokens_per_epoch: int, seq_length: int, num_samples: int) -> int:
+    """Smallest E with (E*T - 1) // S >= num_samples (samples overlap by one token)."""
+    return max(1, -(-(num_samples * seq_length + 1) // tokens_per_epoch))
+
+
+def build_doc_idx(documents: np.ndarray, epochs: int, rng: np.random.RandomState) -> np.ndarray:
+    doc_idx = np.tile(np.asarray(documents, dtype=np.int32), epochs)
+    rng.shuffle(doc_idx)
+    return doc_idx
+
+
+def build_sample_idx(sizes: np.ndarray, doc_idx: np.ndarray, seq_length: int,
+                     tokens_total: int, chunk: int = 1 << 22) -> np.ndarray:
+    """Where each sample starts: the document holding token s*S of the stream, and the offset.
+
+    NeoX walks the documents one by one in C++; the same answer comes from searching
+    the sample starts in the documents' cumulative end positions (in chunks, to bound
+    memory).
+    """
+    n = (tokens_total - 1) // seq_length
+    ends = np.cumsum(sizes[doc_idx], dtype=np.int64)
+    sample_idx = np.empty((n + 1, 2), dtype=np.int32)
+    for lo in range(0, n + 1, chunk):
+        starts = np.arange(lo, min(lo + chunk, n + 1), dtype=np.int64) * seq_length
+        # side="right" skips empty documents and a document that ends exactly at the
+        # start: the start token belongs to the first document that extends past it.
+        d = np.searchsorted(ends, starts, side="right")
+        sample_idx[lo:lo + len(starts), 0] = d
+        sample_idx[lo:lo + len(starts), 1] = starts - (ends[d] - sizes[doc_idx[d]])
+    sample_idx[0] = 0  # NeoX records (0, 0) first, even if document 0 is empty
+    return sample_idx
+
+
+def build_shuffle_idx(size: int, rng: np.random.RandomState) -> np.ndarray:
+    dtype = np.uint32 if size < np.iinfo(np.uint32).max - 1 else np.int64
+    shuffle_idx = np.arange(size, dtype=dtype)
+    rng.shuffle(shuffle_idx)
+    return shuffle_idx
+
+
+def build_index_maps(sizes, documents, num_samples: int, seq_length: int, seed: int):
+    """(doc_idx, sample_idx, shuffle_idx) for ``num_samples`` samples of ``seq_length``+1."""
+    sizes = np.asarray(sizes, dtype=np.int32)
+    tokens_per_epoch = int(np.sum(sizes[documents], dtype=np.int64))
+    if tokens_per_epoch < 2:
+        raise DataError(f"the documents hold {tokens_per_epoch} tokens; a sample needs at "
+                        f"least 2: preprocess more data")
+    epochs = num_epochs(tokens_per_epoch, seq_length, num_samples)
+    if epochs * len(documents) > INT32_MAX:
+        raise DataError(f"{num_samples} samples of {seq_length} tokens need {epochs} epochs of "
+                        f"{len(documents)} documents, beyond NeoX's int32 index maps: lower "
+                        f"train_iters or use more data")
+    rng = np.random.RandomState(seed=seed)
+    doc_idx = build_doc_idx(documents, epochs, rng)
+    sample_idx = build_sample_idx(sizes, doc_idx, seq_length, epochs * tokens_per_epoch)
+    shuffle_idx = build_shuffle_idx(len(sample_idx) - 1, rng)
+    return doc_idx, sample_idx, shuffle_idx
+
+
+def index_map_paths(prefix: str, name: str, num_samples: int, seq_length: int, seed: int,
+                    cache_dir: str | None = None) -> dict[str, str]:
+    """NeoX v1.0's cache file names (next to the data, or in cache_dir)."""
+    if cache_dir:
+        prefix = os.path.join(cache_dir, os.path.basename(prefix))
+    stem = f"{prefix}_{name}_indexmap_{num_samples}ns_{seq_length}sl_{seed}s"
+    return {key: f"{stem}_{key}.npy" for key in ("doc_idx", "sample_idx", "shuffle_idx")}
+
+
+def _save_atomic(path: str, array: np.ndarray) -> None:
+    # A crash mid-write must not leave a truncated map that later runs would trust.
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        np.save(f, array, allow_pickle=False)
+    os.replace(tmp, path)
+
+
+def load_or_build_index_maps(prefix, name, sizes, documents, num_samples, seq_length, seed,
+                             cache_dir=None, use_shared_fs=True):
+    """Rank 0 builds and saves the maps if missing; every rank then memory-maps them.
+
+    Without a shared filesystem (use_shared_fs false) local rank 0 of each node builds.
+    """
+    paths = index_map_paths(prefix, name, num_samples, seq_length, seed, cache_dir)
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if use_shared_fs:
+        builder = not distributed or torch.distributed.get_rank() == 0
+    else:
+        builder = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    if builder:
+        if not all(os.path.isfile(p) for p in paths.values()):
+            os.makedirs(os.path.dirname(os.path.abspath(paths["doc_idx"])), exist_ok=True)
+            maps = build_index_maps(sizes, documents, num_samples, seq_length, seed)
+            for key, array in zip(("doc_idx", "sample_idx", "shuffle_idx"), maps):
+                _save_atomic(paths[key], array)
+    if distributed:
+        torch.distributed.barrier()
+    return tuple(np.load(paths[key], mmap_mode="r", allow_pickle=False)
+                 for key in ("doc_idx", "sample_idx", "shuffle_idx"))
+
+
+class GPT2Dataset(torch.utils.data.Dataset):
+    """Item k -> {"text": int64[seq_length + 1]}, in NeoX's shuffled order."""
+
+    def __init__(self, name, data_prefix, documents, indexed_dataset, num_samples,
+                 seq_length, seed, cache_dir=None, use_shared_fs=True):
+        self.name = name
+        self.indexed_dataset = indexed_dataset
+        self.doc_idx, self.sample_idx, self.shuffle_idx = load_or_build_index_maps(
+            data_prefix, name, indexed_dataset.sizes, documents, num_samples, seq_length,
+            seed, cache_dir, use_shared_fs)
+        # The cache name does not say which data it was built from: check the shapes.
+        tokens = int(np.sum(indexed_dataset.sizes[documents], dtype=np.int64))
+        epochs = num_epochs(tokens, seq_length, num_samples)
+        if (len(self.doc_idx) != epochs * len(documents)
+                or len(self.sample_idx) != (epochs * tokens - 1) // seq_length + 1
+                or len(self.shuffle_idx) != len(self.sample_idx) - 1):
+            path = index_map_paths(data_prefix, name, num_samples, seq_length, seed,
+                                   cache_dir)["sample_idx"]
+            raise DataError(f"{path}: stale index map (built for other data); delete the "
+                            f"three {name} *_idx.npy files to rebuild them")
+
+    def __len__(self) -> int:
+        return len(self.shuffle_idx)
+
+    def __getitem__(self, k: int) -> dict:
+        j = int(self.shuffle_idx[k])
+        (d0, off0), (d1, off1) = self.sample_idx[j], self.sample_idx[j + 1]
+        get, doc = self.indexed_dataset.get, self.doc_idx
+        if d0 == d1:
+            parts = [get(doc[d0], offset=int(off0), length=int(off1 - off0 + 1))]
+        else:
+            parts = ([get(doc[d0], offset=int(off0))]
+                     + [get(doc[d]) for d in range(d0 + 1, d1)]
+                     + [get(doc[d1], length=int(off1) + 1)])
+        return {"text": np.concatenate(parts).astype(np.int64)}

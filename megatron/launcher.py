@@ -1,0 +1,133 @@
+"""deepy.py: validate the merged config once, then start the ranks.
+
+    python deepy.py train.py a.yml b.yml [-d CONF_DIR] [-H hostfile]
+
+With GPUs (or a hostfile) this hands DeepSpeed's runner the same options GPT-NeoX's
+deepy passes (only non-default ones) and the encoded config. Without CUDA it runs one
+rank in this process, or N ranks through torchrun (DeepSpeed's CPU launcher counts NUMA
+nodes, not cores, so it would start a single rank).
+"""
+import logging
+import os
+import runpy
+import shlex
+import socket
+import subprocess
+import sys
+
+from megatron.config.launch_args import NEOX_CONFIG_FLAG, config_parser, load_from_namespace
+from megatron.errors import ConfigError
+
+log = logging.getLogger(__name__)
+DEFAULT_MASTER_PORT = 29500
+MULTI_NODE_LAUNCHERS = ("slurm", "openmpi", "mvapich")
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DLTS_HOSTFILE = "/job/hostfile"  # DeepSpeed's runner reads it when no hostfile is given
+
+
+def count_ranks(args, local_devices: int) -> int:
+    """World size: the hostfile's slots after include/exclude/num_nodes/num_gpus, else
+    the local device count (num_gpus when set)."""
+    from deepspeed.launcher import runner
+
+    hostfile = args.hostfile or (DLTS_HOSTFILE if os.path.isfile(DLTS_HOSTFILE) else None)
+    if hostfile is None:
+        pool = {"localhost": args.num_gpus or local_devices}
+    else:
+        if not os.path.isfile(hostfile):
+            raise ConfigError(f"hostfile {hostfile} does not exist; fix the 'hostfile' key "
+                              f"or -H")
+        try:
+            pool = runner.fetch_hostfile(hostfile)
+        except ValueError as e:
+            raise ConfigError(f"hostfile {hostfile}: {e}; lines must read "
+                              f"'hostname slots=N'") from None
+    try:
+        active = runner.parse_inclusion_exclusion(pool, args.include or "", args.exclude or "")
+    except ValueError as e:
+        raise ConfigError(f"include/exclude ({args.include!r}/{args.exclude!r}): {e}") from None
+    if not (args.include or args.exclude):
+        active = runner.apply_num_nodes_and_gpus(active, args.num_nodes, args.num_gpus or -1)
+    return sum(len(slots) for slots in active.values())
+
+
+def build_launch_command(args, script: str, extra_argv=()) -> list[str]:
+    """Arguments for ``deepspeed.launcher.runner.main``: runner options, then the script,
+    its own arguments and ``--neox_config``."""
+    cmd = []
+    if args.hostfile is not None:
+        cmd += ["--hostfile", args.hostfile]
+    if args.include:
+        cmd += ["--include", args.include]
+    if args.exclude:
+        cmd += ["--exclude", args.exclude]
+    if args.num_nodes > 0:
+        cmd += ["--num_nodes", str(args.num_nodes)]
+    # DeepSpeed refuses num_gpus together with include/exclude (NeoX drops it too).
+    if args.num_gpus is not None and not (args.include or args.exclude):
+        cmd += ["--num_gpus", str(args.num_gpus)]
+    if args.master_port != DEFAULT_MASTER_PORT:
+        cmd += ["--master_port", str(args.master_port)]
+    if args.master_addr:
+        cmd += ["--master_addr", args.master_addr]
+    if args.launcher != "pdsh":
+        cmd += ["--launcher", args.launcher]
+    if args.force_multi or args.launcher in MULTI_NODE_LAUNCHERS:
+        cmd += ["--force_multi"]
+    if args.no_ssh_check:
+        cmd += ["--no_ssh_check"]
+    slurm_args = [(flag, v) for flag, v in (("--comment", args.comment),
+                                            ("--account", args.account)) if v]
+    if slurm_args:
+        if args.launcher != "slurm":
+            raise ConfigError("comment/account are srun options; set launcher: slurm or "
+                              "remove them")
+        cmd += ["--launcher_args", " ".join(f"{f} {shlex.quote(v)}" for f, v in slurm_args)]
+    return cmd + [script, *extra_argv, NEOX_CONFIG_FLAG, args.launch_argument()]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_in_process(script: str, argv: list[str]) -> int:
+    """One CPU rank in this process: the launcher environment a rank expects, then the script."""
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+                      DS_ACCELERATOR="cpu")
+    sys.argv = [script, *argv]
+    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))  # as `python script` does
+    runpy.run_path(script, run_name="__main__")
+    return 0
+
+
+def run_torchrun(script: str, argv: list[str], nproc: int) -> int:
+    """N CPU ranks on this machine, one thread each (the measured fast setting)."""
+    # The ranks import megatron from this checkout even when the script lives elsewhere.
+    path = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=path)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={nproc}", script, *argv]
+    return subprocess.run(cmd, env=env).returncode
+
+
+def main(argv=None) -> int:
+    import torch
+
+    ns = config_parser("deepy.py", with_script=True).parse_args(argv)
+    if not os.path.isfile(ns.script):
+        raise ConfigError(f"script {ns.script} does not exist; pass e.g. train.py")
+    args = load_from_namespace(ns)
+    on_gpus = torch.cuda.is_available() or args.hostfile is not None
+    args.configure_world(count_ranks(args, torch.cuda.device_count() if on_gpus else 1))
+    log.info("launching %s on %d rank(s)", ns.script, args.world_size)
+    if on_gpus:
+        from deepspeed.launcher import runner
+
+        return runner.main(build_launch_command(args, ns.script)) or 0
+    rank_argv = [NEOX_CONFIG_FLAG, args.launch_argument()]
+    if args.world_size == 1:
+        return run_in_process(ns.script, rank_argv)
+    return run_torchrun(ns.script, rank_argv, args.world_size)

@@ -1,0 +1,207 @@
+"""pretrain(): set up one rank, then the training loop with eval, logging and checkpoints.
+
+One optimizer step = ``train_step``: gradient-accumulation micro-batches through the
+DeepSpeed engine (pp=0), or one ``engine.train_batch`` (pipeline). L2E brackets the
+step (``begin_step`` before the forward passes, ``end_step`` after the update) and
+injects its gradient itself, so ``lm_loss`` stays pure cross-entropy.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+
+import deepspeed
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron.errors import ConfigError
+from megatron.training.engine import Trainer, build_trainer, lm_loss
+
+
+def _init_distributed():
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    for key, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
+                         ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500")):
+        # A plain `python train.py` is a world of one; without these DeepSpeed tries MPI.
+        os.environ.setdefault(key, default)
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+
+
+def set_seeds(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def micro_batches(raw, eod: int, eod_mask_loss: bool, pipe: bool):
+    """``{"text": [b, s+1]}`` -> (tokens, labels, loss_mask), or DeepSpeed's pipe format."""
+    from megatron.data.data_utils import get_batch
+
+    device = _device()
+    for sample in raw:
+        tokens, labels, loss_mask = (t.to(device) for t in get_batch(sample["text"], eod, eod_mask_loss))
+        yield ((tokens,), (labels, loss_mask)) if pipe else (tokens, labels, loss_mask)
+
+
+def _dp_mean(value: torch.Tensor, dp_group) -> float:
+    if dp_group is not None:
+        value = value.clone()
+        dist.all_reduce(value, group=dp_group)
+        value /= dist.get_world_size(dp_group)
+    return float(value)
+
+
+def loss_scale(engine) -> float:
+    if not engine.fp16_enabled():
+        return 1.0
+    opt = engine.optimizer
+    config = getattr(opt, "loss_scale_config", None)
+    return float(config.cur_scale if config is not None else opt.cur_scale)
+
+
+def train_step(trainer: Trainer, batches, iteration: int, dp_group=None, log: bool = False) -> dict:
+    """One optimizer step; returns ``lm_loss`` (dp-mean), ``skipped`` and any L2E metrics."""
+    engine = trainer.engine
+    gas = engine.gradient_accumulation_steps()
+    skipped_before = engine.skipped_steps
+    if trainer.l2e is not None:
+        trainer.l2e.begin_step(iteration, grad_scale=loss_scale(engine) / gas, log=log)
+    if trainer.is_pipe:
+        loss = float(engine.train_batch(data_iter=batches))  # already averaged over dp
+    else:
+        total = torch.zeros((), device=_device())
+        for _ in range(gas):
+            tokens, labels, loss_mask = next(batches)
+            micro_loss = lm_loss(engine(tokens), labels, loss_mask, trainer.tp_group)
+            engine.backward(micro_loss)
+            engine.step()
+            total += micro_loss.detach()
+        loss = _dp_mean(total / gas, dp_group)
+    metrics = {"lm_loss": loss, "skipped": engine.skipped_steps > skipped_before}
+    if trainer.l2e is not None:
+        metrics.update(trainer.l2e.end_step())
+    return metrics
+
+
+@torch.no_grad()
+def evaluate(trainer: Trainer, batches, eval_iters: int, dp_group=None) -> dict:
+    """Mean validation lm loss over ``eval_iters`` global batches (and its perplexity)."""
+    engine = trainer.engine
+    engine.eval()
+    losses = []
+    for _ in range(eval_iters):
+        if trainer.is_pipe:
+            losses.append(float(engine.eval_batch(data_iter=batches)))
+            continue
+        for _ in range(engine.gradient_accumulation_steps()):
+            tokens, labels, loss_mask = next(batches)
+            losses.append(_dp_mean(lm_loss(engine(tokens), labels, loss_mask, trainer.tp_group), dp_group))
+    engine.train()
+    loss = sum(losses) / max(len(losses), 1)
+    return {"validation/lm_loss": loss, "validation/lm_loss_ppl": math.exp(min(loss, 20.0))}
+
+
+def _check_runtime_settings(args):
+    if args.eval_tasks and args.pipe_parallel_size > 1:
+        raise ConfigError("eval_tasks during training needs pipe_parallel_size <= 1; "
+                          "run eval.py on the saved checkpoint instead")
+    if args.train_iters is None or args.train_iters <= 0:
+        raise ConfigError("train_iters must be a positive integer")
+
+
+def _run_eval_tasks(args, trainer, tokenizer) -> dict:
+    from megatron.eval.harness import evaluate_tasks, flatten_results, module_logits_fn
+
+    logits_fn = module_logits_fn(trainer.model, trainer.tp_group)
+    results = evaluate_tasks(logits_fn, tokenizer, args.eval_tasks, max_length=args.max_position_embeddings,
+                             seed=args.seed)
+    return flatten_results(results)
+
+
+def pretrain(args) -> dict:
+    """Train ``args`` to ``train_iters``; returns the per-step lm losses and final iteration."""
+    from megatron.data.data_utils import build_train_valid_test_datasets, make_data_iterator
+    from megatron.parallel import ParallelGroups
+    from megatron.tokenizer import build_tokenizer
+    from megatron.training import checkpointing, logging, robustness
+
+    _check_runtime_settings(args)
+    _init_distributed()
+    args.configure_world(dist.get_world_size())
+    groups = ParallelGroups.build(max(1, args.pipe_parallel_size), args.model_parallel_size)
+    set_seeds(args.seed)
+    tokenizer = build_tokenizer(args)
+    args.set_vocab_size(tokenizer.vocab_size)
+    trainer = build_trainer(args, groups)
+
+    iteration = checkpointing.load_checkpoint(args, trainer.engine, groups, l2e=trainer.l2e) if args.load else 0
+    train_ds, valid_ds, _ = build_train_valid_test_datasets(args)
+    pipe = trainer.is_pipe
+
+    def batches(dataset, start):
+        raw = make_data_iterator(dataset, args, groups.dp_rank, groups.dp_size, start)
+        return micro_batches(raw, tokenizer.eod, args.eod_mask_loss, pipe)
+
+    train_batches = batches(train_ds, iteration)
+    valid_batches = batches(valid_ds, 0) if valid_ds is not None and args.eval_iters else None
+
+    logger = logging.MetricsLogger(args, groups)
+    guard = robustness.NonFiniteLossGuard(args)
+    preemption = robustness.PreemptionHandler()
+    losses, last_saved, start = [], None, iteration
+
+    def save(at):
+        nonlocal last_saved
+        checkpointing.save_checkpoint(args, at, trainer.engine, groups, l2e=trainer.l2e)
+        last_saved = at
+
+    try:
+        while iteration < args.train_iters:
+            # L2E's detailed metrics cost a little; gather them only for lines that get written
+            is_log_step = (iteration + 1) % args.log_interval == 0 or iteration + 1 == args.train_iters
+            metrics = train_step(trainer, train_batches, iteration, groups.dp_group, log=is_log_step)
+            iteration += 1
+            guard.check(iteration, metrics["lm_loss"], metrics["skipped"])
+            losses.append(metrics["lm_loss"])
+            logger.log_step(iteration, _step_metrics(trainer, metrics, guard))
+            if args.eval_interval and iteration % args.eval_interval == 0:
+                _evaluate_all(args, trainer, tokenizer, valid_batches, groups.dp_group, logger, iteration)
+            if checkpointing.should_save(args, iteration):
+                save(iteration)
+            if preemption.requested() or (args.exit_interval and iteration - start >= args.exit_interval):
+                break
+        if args.save and last_saved != iteration:
+            save(iteration)
+    finally:
+        preemption.close()
+        logger.close()
+    return {"iteration": iteration, "lm_loss": losses}
+
+
+def _step_metrics(trainer: Trainer, metrics: dict, guard) -> dict:
+    """What MetricsLogger gets every step (it averages ``*_loss`` and adds runtime/*)."""
+    out = {("train/lm_loss" if k == "lm_loss" else k): v for k, v in metrics.items() if k != "skipped"}
+    out["train/learning_rate"] = trainer.engine.get_lr()[0]
+    if trainer.engine.fp16_enabled():
+        out["train/loss_scale"] = loss_scale(trainer.engine)
+    out.update(guard.metrics())
+    return out
+
+
+def _evaluate_all(args, trainer, tokenizer, valid_batches, dp_group, logger, iteration):
+    results = {}
+    if valid_batches is not None:
+        results.update(evaluate(trainer, valid_batches, args.eval_iters, dp_group))
+    if args.eval_tasks:
+        results.update(_run_eval_tasks(args, trainer, tokenizer))
+    if results:
+        logger.log_eval(iteration, results)

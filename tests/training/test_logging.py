@@ -1,0 +1,88 @@
+"""metrics.jsonl contents, averaging, resume truncation, console line, NeoX's FLOPs formula."""
+import json
+import math
+import types
+from pathlib import Path
+
+import pytest
+
+from megatron.training.logging import MetricsLogger, training_flops_per_iteration
+
+GROUPS = types.SimpleNamespace(dp_size=2, tp_size=1, pp_size=1)
+
+
+def make_args(tmp_path, **overrides):
+    values = dict(log_dir=str(tmp_path / "logs"), use_wandb=False, tensorboard_dir=None,
+                  wandb_project="neox", train_iters=30, log_interval=10,
+                  train_batch_size=4, seq_length=8, num_layers=2, hidden_size=4,
+                  padded_vocab_size=16, checkpoint_activations=False)
+    values.update(overrides)
+    return types.SimpleNamespace(**values)
+
+
+def read(tmp_path):
+    return [json.loads(line) for line in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()]
+
+
+def step_metrics(loss, lr=1e-3):
+    return {"train/lm_loss": loss, "train/learning_rate": lr, "train/loss_scale": 4096.0,
+            "train/skipped_iters": 0, "train/nan_iters": 0, "train/l2e_loss": 0.01, "l2e/tau_mean": 0.3}
+
+
+def test_flops_formula_matches_hand_computation():
+    # B=2, s=8, L=2, h=4, V=16: 24·c·2·8·2·4² = 12288·c; × (1 + 8/24 + 16/128) = ×35/24 -> 17920·c
+    args = make_args(Path("unused"), train_batch_size=2)
+    assert training_flops_per_iteration(args) == pytest.approx(53760)
+    args.checkpoint_activations = True
+    assert training_flops_per_iteration(args) == pytest.approx(71680)
+
+
+def test_log_step_averages_losses_and_adds_runtime_keys(tmp_path, capsys):
+    args = make_args(tmp_path)
+    logger = MetricsLogger(args, GROUPS)
+    for it in range(1, 11):
+        logger.log_step(it, step_metrics(float(it), lr=it * 1e-4))
+    logger.log_eval(10, {"validation/lm_loss": 2.0})
+    logger.close()
+    train, val = read(tmp_path)
+    assert train["iteration"] == 10
+    assert train["train/lm_loss"] == pytest.approx(5.5)  # mean of 1..10
+    assert train["train/learning_rate"] == pytest.approx(1e-3)  # latest value
+    dt = train["runtime/iteration_time"]
+    assert dt > 0 and train["runtime/steps_per_sec"] == pytest.approx(1 / dt)
+    assert train["runtime/tokens_per_sec"] == pytest.approx(4 * 8 / dt)
+    assert train["runtime/flops_per_sec_per_gpu"] == pytest.approx(training_flops_per_iteration(args) / (dt * 2))
+    assert train["l2e/tau_mean"] == 0.3
+    assert val["validation/lm_loss_ppl"] == pytest.approx(math.exp(2.0))
+    out = capsys.readouterr().out
+    assert "iteration       10/      30" in out and "lm_loss: 5.500000E+00" in out
+    assert "l2e_loss: 1.000000E-02" in out and "loss scale: 4096.0" in out
+
+
+def test_nan_losses_are_left_out_of_the_mean_and_all_nan_is_null(tmp_path):
+    logger = MetricsLogger(make_args(tmp_path, log_interval=2), GROUPS)
+    for it, loss in enumerate([1.0, float("nan"), float("nan"), float("inf")], start=1):
+        logger.log_step(it, step_metrics(loss))
+    assert [r["train/lm_loss"] for r in read(tmp_path)] == [1.0, None]
+
+
+def test_resume_drops_lines_past_the_resumed_iteration(tmp_path):
+    first = MetricsLogger(make_args(tmp_path, log_interval=1), GROUPS)
+    for it in range(1, 8):
+        first.log_step(it, step_metrics(float(it)))
+    first.close()
+    # Crashed after 7 but the last checkpoint was at 4: the resumed run logs 5.. again.
+    resumed = MetricsLogger(make_args(tmp_path, log_interval=1), GROUPS)
+    for it in (5, 6):
+        resumed.log_step(it, step_metrics(-float(it)))
+    assert [(r["iteration"], r["train/lm_loss"]) for r in read(tmp_path)] == [
+        (1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (5, -5.0), (6, -6.0)]
+
+
+def test_tensorboard_receives_scalars(tmp_path):
+    pytest.importorskip("tensorboard")
+    tb_dir = tmp_path / "tb"
+    logger = MetricsLogger(make_args(tmp_path, tensorboard_dir=str(tb_dir), log_interval=1), GROUPS)
+    logger.log_step(1, step_metrics(1.0))
+    logger.close()
+    assert any(p.name.startswith("events.out.tfevents") for p in tb_dir.iterdir())

@@ -1,0 +1,28 @@
+"""What every analysis CLI shares: the repo on sys.path, activation folders in, JSON + PNG out."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+# The CLIs run as `python tools/analysis/x.py` from a checkout that may not be pip-installed.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from megatron.analysis import open_activations  # noqa: E402
+
+
+def add_io_args(parser):
+    parser.add_argument("--activations", nargs="+", required=True, metavar="DIR",
+                        help="activation folders from collect_activations.py, one per model (small to large)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="folder for the JSON and PNG")
+
+
+def run_study(name: str, study, plot, activation_dirs, out_dir, **options) -> list[dict]:
+    """``study(acts, **options)`` for every model -> ``out/name.json``; ``plot`` -> ``out/name.png``."""
+    results = [study(open_activations(d), **options) for d in activation_dirs]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{name}.json").write_text(json.dumps(results, indent=1))
+    plot(results, out_dir / f"{name}.png")
+    print(f"wrote {out_dir / name}.json and .png")
+    return results

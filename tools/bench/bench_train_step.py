@@ -1,0 +1,144 @@
+"""Training-step time: our DeepSpeed engine vs transformers' GPTNeoXForCausalLM + torch AdamW.
+
+Both sides train the same architecture (fp32, same batch, AdamW, clipping 1.0) on CPU or
+one GPU. Repetitions are interleaved (ours, HF, ours, HF, ...) so drift in machine load
+hits both alike; we report median step times and ours/HF.
+
+    python tools/bench/bench_train_step.py                  # tiny and 70M-shaped, seq 128
+    python tools/bench/bench_train_step.py --shapes tiny --reps 10 --seq 64
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"),
+                   ("MASTER_PORT", "29533"), ("DS_ACCELERATOR", "cpu"), ("WANDB_MODE", "disabled")):
+    os.environ.setdefault(key, value)
+
+import torch  # noqa: E402
+
+from megatron.errors import cli_main  # noqa: E402
+
+SHAPES = {  # layers, hidden, heads, vocab (padded), micro-batch
+    "tiny": dict(num_layers=4, hidden_size=128, num_attention_heads=4, vocab=4096, mbs=8),
+    "70m": dict(num_layers=6, hidden_size=512, num_attention_heads=8, vocab=50304, mbs=4),
+}
+
+
+def _neox_args(shape: dict, seq: int):
+    from megatron.config import NeoXArgs
+
+    args = NeoXArgs.from_dict({
+        "num_layers": shape["num_layers"], "hidden_size": shape["hidden_size"],
+        "num_attention_heads": shape["num_attention_heads"], "seq_length": seq,
+        "max_position_embeddings": seq, "rotary_pct": 0.25, "gpt_j_residual": True,
+        "no_weight_tying": True, "train_micro_batch_size_per_gpu": shape["mbs"],
+        "optimizer": {"type": "Adam", "params": {"lr": 1e-4, "betas": [0.9, 0.95], "eps": 1e-8}},
+        "train_iters": 10**6, "gradient_clipping": 1.0, "weight_decay": 0.1,
+    })
+    args.configure_world(1)
+    args.set_vocab_size(shape["vocab"])
+    return args
+
+
+def _ours(args, batch):
+    """A step function over our engine (DeepSpeed ZeRO-0 fp32, pp=0)."""
+    from megatron.parallel import ParallelGroups
+    from megatron.training.engine import build_trainer
+    from megatron.training.loop import train_step
+
+    trainer = build_trainer(args, ParallelGroups.build(1, 1))
+    tokens, labels = batch
+    mask = torch.ones_like(tokens, dtype=torch.float32)
+
+    def repeat():
+        while True:
+            yield tokens, labels, mask
+
+    stream = repeat()
+    return lambda it: train_step(trainer, stream, it)["lm_loss"]
+
+
+def _hf(args, batch, device):
+    """The same model and optimizer step written the plain transformers way."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    cfg = GPTNeoXConfig(
+        vocab_size=args.padded_vocab_size, hidden_size=args.hidden_size, num_hidden_layers=args.num_layers,
+        num_attention_heads=args.num_attention_heads, intermediate_size=4 * args.hidden_size,
+        max_position_embeddings=args.max_position_embeddings, rotary_pct=args.rotary_pct,
+        use_parallel_residual=True, tie_word_embeddings=False, attn_implementation="sdpa",
+    )
+    model = GPTNeoXForCausalLM(cfg).to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
+                            foreach=device.type == "cpu", fused=device.type == "cuda")
+    tokens, labels = batch
+
+    def step(_):
+        logits = model(input_ids=tokens).logits
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step
+
+
+def _timed(step, it, device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    step(it)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def bench(name: str, seq: int, reps: int, warmup: int) -> dict:
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    args = _neox_args(SHAPES[name], seq)
+    g = torch.Generator().manual_seed(0)
+    text = torch.randint(0, args.padded_vocab_size, (args.train_micro_batch_size_per_gpu, seq + 1), generator=g)
+    batch = (text[:, :-1].to(device), text[:, 1:].to(device))
+    steps = {"ours": _ours(args, batch), "hf": _hf(args, batch, device)}
+    times = {k: [] for k in steps}
+    for i in range(warmup + reps):
+        for key, step in steps.items():
+            t = _timed(step, i, device)
+            if i >= warmup:
+                times[key].append(t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"shape": name, "seq": seq, "mbs": args.train_micro_batch_size_per_gpu, "device": str(device),
+            "ours_ms": 1000 * med["ours"], "hf_ms": 1000 * med["hf"], "ratio": med["ours"] / med["hf"]}
+
+
+@cli_main
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--warmup", type=int, default=2)
+    ns = p.parse_args(argv)
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
+    print(f"{'shape':6} {'seq':>4} {'mbs':>4} {'ours ms':>9} {'HF ms':>9} {'ours/HF':>8}  device")
+    for name in ns.shapes:
+        r = bench(name, ns.seq, ns.reps, ns.warmup)
+        print(f"{r['shape']:6} {r['seq']:>4} {r['mbs']:>4} {r['ours_ms']:>9.1f} {r['hf_ms']:>9.1f} "
+              f"{r['ratio']:>8.3f}  {r['device']}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

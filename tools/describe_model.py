@@ -1,0 +1,77 @@
+"""Print a config's model size as JSON, without allocating any weights.
+
+    python tools/describe_model.py configs/pythia/70M.yml configs/local_setup.yml
+
+The model is built on the meta device, so even 12B takes well under a second.
+"""
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron.errors import cli_main  # noqa: E402
+
+NEOX_20B_VOCAB = 50277  # ids of the GPT-NeoX-20B tokenizer every Pythia model uses
+
+
+def vocab_size_of(args, override):
+    """Tokenizer ids: --vocab-size, else the config's tokenizer, else NeoX-20B's 50,277."""
+    if override is not None:
+        return override
+    if args.vocab_file and os.path.isfile(args.vocab_file):
+        from megatron.tokenizer import build_tokenizer
+
+        return build_tokenizer(args).vocab_size
+    print(f"describe_model: no readable vocab_file in the config; assuming the GPT-NeoX-20B "
+          f"tokenizer's {NEOX_20B_VOCAB} ids (use --vocab-size to change)", file=sys.stderr)
+    return NEOX_20B_VOCAB
+
+
+def describe(args) -> dict:
+    import torch
+
+    from megatron.model import GPTNeoX
+
+    cfg = args.model_config()
+    with torch.device("meta"):
+        model = GPTNeoX(cfg)
+    total = sum(p.numel() for p in model.parameters())
+    embedding = sum(p.numel() for name, p in model.named_parameters()
+                    if name.startswith(("embed.", "head.")))
+    head_dim = cfg.hidden_size // cfg.num_heads
+    return {
+        "total_params": total,
+        "non_embedding_params": total - embedding,
+        "padded_vocab_size": cfg.vocab_size,
+        "num_layers": cfg.num_layers,
+        "hidden_size": cfg.hidden_size,
+        "num_attention_heads": cfg.num_heads,
+        "head_dim": head_dim,
+        "rotary_dims": int(head_dim * cfg.rotary_pct),
+        "intermediate_size": cfg.intermediate_size or 4 * cfg.hidden_size,
+        "seq_length": args.seq_length,
+        "tied_embeddings": cfg.tie_embeddings,
+        "gelu": "tanh" if cfg.gelu_tanh else "exact",
+        "precision": args.precision,
+        "model_parallel_size": args.model_parallel_size,
+        "pipe_parallel_size": args.pipe_parallel_size,
+    }
+
+
+@cli_main
+def main(argv=None):
+    from megatron.config import NeoXArgs
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("configs", nargs="+", help="YAML config files (merged)")
+    p.add_argument("--vocab-size", type=int, help="tokenizer vocab size before padding")
+    ns = p.parse_args(argv)
+    args = NeoXArgs.from_ymls(ns.configs)
+    args.set_vocab_size(vocab_size_of(args, ns.vocab_size))
+    print(json.dumps(describe(args), indent=2))
+
+
+if __name__ == "__main__":
+    main()

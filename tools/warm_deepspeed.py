@@ -1,0 +1,31 @@
+"""Build DeepSpeed's CPU shared-memory comm op once, in one process.
+
+On a fresh machine DeepSpeed JIT-compiles this op on the first ``init_distributed``
+(~45 s). Doing it here, before any multi-process test starts, avoids every rank of
+the first distributed test compiling it at the same time. Cached in
+~/.cache/torch_extensions afterwards (~1 s).
+"""
+import os
+import socket
+import time
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def main():
+    import deepspeed
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0",
+                      WORLD_SIZE="1", LOCAL_RANK="0")
+    start = time.time()
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    dist.destroy_process_group()
+    print(f"deepspeed comm ready ({time.time() - start:.1f} s)")
+
+
+if __name__ == "__main__":
+    main()

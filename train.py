@@ -1,0 +1,16 @@
+"""Pretrain a GPT-NeoX model: ``python deepy.py train.py CONFIG...`` or ``python train.py CONFIG...``."""
+import sys
+
+from megatron.errors import cli_main
+
+
+@cli_main
+def main(argv=None):
+    from megatron.config import NeoXArgs
+    from megatron.training import pretrain
+
+    pretrain(NeoXArgs.consume_launch_args(sys.argv[1:] if argv is None else argv))
+
+
+if __name__ == "__main__":
+    main()
