@@ -29,7 +29,8 @@ demo: install
 	$(BIN)/python deepy.py train.py configs/local/tiny.yml
 
 demo-monitor: install
-	$(BIN)/python deepy.py train.py configs/local/tiny.yml configs/local/tiny_monitor.yml
+	$(BIN)/python deepy.py train.py configs/local/tiny.yml --override l2e.inhibition=none \
+		log_dir=runs/tiny_monitor/logs save=runs/tiny_monitor/checkpoints
 
 test: install
 	DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 $(BIN)/python tools/warm_deepspeed.py

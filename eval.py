@@ -8,6 +8,12 @@ The checkpoint is ``--checkpoint`` or the config's ``load``; the tokenizer is th
 config's, else the ``tokenizer.json`` inside an HF directory, else the one named by
 the checkpoint's saved config. Results go to ``--output`` (default
 ``{eval_results_prefix}eval_results.json``).
+
+One process evaluates the whole model (``megatron.load_model``). Launched on several
+ranks (deepy, torchrun), or with a config whose model is split (model-parallel-size > 1,
+pipe-parallel-size >= 1), every rank builds its part exactly as training does, loads
+the checkpoint's weights into it, and scores the same requests; rank 0 writes the
+results. The checkpoint must have the config's parallel layout.
 """
 from __future__ import annotations
 
@@ -35,6 +41,8 @@ def parse_cli(argv):
     p.add_argument("--bootstrap_iters", type=int, default=0)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--output", default=None, help="results JSON path")
+    p.add_argument("--log_samples", action="store_true",
+                   help="also write every request's scores (lm-eval's samples) to the JSON")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -69,6 +77,36 @@ def pick_tokenizer(neox_args, checkpoint: Path, iteration=None):
                          "or put tokenizer.json in the checkpoint directory")
 
 
+def is_multi_rank(neox_args) -> bool:
+    """Launched on several ranks, or a config whose model is split (pp >= 1 builds a
+    DeepSpeed pipeline even with one stage): build the model as training does."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return True
+    return neox_args is not None and (neox_args.model_parallel_size > 1 or neox_args.pipe_parallel_size >= 1)
+
+
+def build_logits_fn(neox_args, checkpoint: Path, iteration, tokenizer):
+    """(logits_fn, max_length, writes_results) for this rank."""
+    if not is_multi_rank(neox_args):
+        from megatron import load_model
+        from megatron.eval import module_logits_fn
+
+        model = load_model(checkpoint, iteration=iteration)  # the fast path: no DeepSpeed
+        return module_logits_fn(model), model.cfg.max_position_embeddings, True
+    from megatron.checkpoint_format import checkpoint_neox_args, resolve_step_dir
+    from megatron.eval import load_parallel_model
+
+    if (checkpoint / "config.json").is_file():
+        raise CheckpointError(f"eval: {checkpoint} is an HF checkpoint; evaluate it in one process "
+                              "(python eval.py --checkpoint DIR, without deepy or a parallel config)")
+    args = neox_args or checkpoint_neox_args(resolve_step_dir(checkpoint, iteration))
+    if args is None:
+        raise CheckpointError(f"eval: {checkpoint} holds no configs/; pass the run's YAML configs")
+    args.set_vocab_size(tokenizer.vocab_size)
+    logits_fn, groups = load_parallel_model(args, str(checkpoint), iteration)
+    return logits_fn, args.max_position_embeddings, groups.rank == 0
+
+
 @cli_main
 def main(argv=None):
     cli = parse_cli(sys.argv[1:] if argv is None else argv)
@@ -85,17 +123,19 @@ def main(argv=None):
     num_fewshot = cli.num_fewshot
     if num_fewshot is None:
         num_fewshot = getattr(neox_args, "eval_num_fewshot", 0) or 0
+    include_path = cli.include_path or getattr(neox_args, "eval_include_path", None)
 
-    from megatron import load_model
-    from megatron.eval import evaluate_tasks, module_logits_fn
+    from megatron.eval import evaluate_tasks
 
-    model = load_model(checkpoint, iteration=cli.iteration)
     tokenizer = pick_tokenizer(neox_args, checkpoint, cli.iteration)
+    logits_fn, max_length, writer = build_logits_fn(neox_args, checkpoint, cli.iteration, tokenizer)
     start = time.time()
-    out = evaluate_tasks(module_logits_fn(model), tokenizer, tasks,
-                         max_length=model.cfg.max_position_embeddings, num_fewshot=num_fewshot,
-                         batch_size=cli.batch_size, limit=cli.limit, include_path=cli.include_path,
-                         bootstrap_iters=cli.bootstrap_iters, seed=cli.seed)
+    # Every rank scores every request (the logits function is collective); rank 0 writes.
+    out = evaluate_tasks(logits_fn, tokenizer, tasks, max_length=max_length, num_fewshot=num_fewshot,
+                         batch_size=cli.batch_size, limit=cli.limit, include_path=include_path,
+                         bootstrap_iters=cli.bootstrap_iters, seed=cli.seed, log_samples=cli.log_samples)
+    if not writer:
+        return
     out.update(checkpoint=str(checkpoint), iteration=cli.iteration, num_fewshot=num_fewshot,
                limit=cli.limit, seconds=round(time.time() - start, 2))
     prefix = getattr(neox_args, "eval_results_prefix", "") or ""

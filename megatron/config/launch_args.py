@@ -33,8 +33,9 @@ def config_parser(prog: str, with_script: bool) -> argparse.ArgumentParser:
     for key in ("wandb_group", "wandb_team", "wandb_run_name"):
         p.add_argument(f"--{key}")
     p.add_argument("--override", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="set config keys last, over the files (VALUE is YAML), e.g. "
-                        "--override train_iters=14300 lr_decay_iters=14300")
+                   help="set config keys last, over the files (VALUE is YAML; a dotted KEY "
+                        "sets one entry of a block), e.g. --override train_iters=14300 "
+                        "lr_decay_iters=14300 l2e.inhibition=none")
     return p
 
 

@@ -32,6 +32,20 @@ REQUIRED_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "seq_length
 _warned_no_ops: set = set()
 
 
+def _set_nested(mapping, path: list[str], value, key: str):
+    """A copy of ``mapping`` (a config block such as ``l2e``) with ``path`` set to ``value``,
+    for dotted overrides like ``l2e.inhibition=none``; other keys of the block are kept."""
+    if mapping is None:
+        mapping = {}
+    if not isinstance(mapping, dict):
+        raise ConfigError(f"--override {key}: '{key.split('.')[0]}' is not a mapping; "
+                          f"override the whole key instead")
+    out = dict(mapping)
+    head, *rest = path
+    out[head] = _set_nested(out.get(head), rest, value, key) if rest else value
+    return out
+
+
 @dataclass
 class NeoXArgs(ModelArgs, ParallelArgs, OptimizerArgs, TrainingArgs, DataArgs,
                CheckpointArgs, LoggingArgs, EvalArgs, LauncherArgs, PerformanceArgs,
@@ -50,8 +64,9 @@ class NeoXArgs(ModelArgs, ParallelArgs, OptimizerArgs, TrainingArgs, DataArgs,
         """Load, merge (disjoint), apply command-line overrides, validate and derive."""
         values, sources, texts = merge_yamls(paths)
         for key, value in (overrides or {}).items():
-            key = normalize_key(key)
-            values[key], sources[key] = value, "command line"
+            top, *path = normalize_key(key).split(".")
+            values[top] = _set_nested(values.get(top), path, value, key) if path else value
+            sources[top] = "command line"
         return cls._build(values, sources, texts)
 
     @classmethod

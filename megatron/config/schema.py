@@ -70,6 +70,10 @@ class ModelArgs:
     output_layer_init_method: INIT_METHODS = arg(
         "scaled_normal", "Init of attention.dense and MLP-out.", supported=SUPPORTED_INITS)
     init_method_std: float = arg(0.02, "Standard deviation of 'normal' init.")
+    init_per_rank_shards: bool = arg(
+        False, "Ours. false: initial weights depend only on seed and layer, the same for any "
+        "tp/pp layout. true: NeoX's per-rank draw, each tensor-parallel shard from its own "
+        "generator (weights then depend on model_parallel_size).")
     hidden_dropout: float = arg(0.0, "Dropout on attention and MLP outputs.")
     attention_dropout: float = arg(0.0, "Dropout on attention probabilities.")
     make_vocab_size_divisible_by: int = arg(128, "Vocab is padded to a multiple of this "
@@ -214,6 +218,8 @@ class EvalArgs:
     eval_tasks: Optional[list[str]] = arg(None, "lm-eval tasks for eval.py (and every "
                                                 "eval_interval when set).")
     eval_num_fewshot: int = arg(0, "Few-shot examples for eval_tasks.")
+    eval_include_path: Optional[str] = arg(None, "Folder of extra lm-eval task YAMLs (local tasks "
+                                                 "for eval_tasks).")
     eval_results_prefix: str = arg("", "Prefix of the eval results JSON file.")
 
 

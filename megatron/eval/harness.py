@@ -1,6 +1,7 @@
 """Run lm-eval tasks on our model: standalone (eval.py) or during training."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -47,12 +48,30 @@ def _task_manager(tasks, include_path):
     return TaskManager()
 
 
+@contextlib.contextmanager
+def _as_local_rank_0():
+    """lm-eval's ``simple_evaluate`` returns None wherever LOCAL_RANK != 0 (so torchrun
+    ranks do not all write files). Our ranks all score every request and the caller
+    picks the writer, so every rank should get the results."""
+    saved = os.environ.get("LOCAL_RANK")
+    os.environ["LOCAL_RANK"] = "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["LOCAL_RANK"]
+        else:
+            os.environ["LOCAL_RANK"] = saved
+
+
 def evaluate_tasks(logits_fn, tokenizer, tasks, *, max_length: int, num_fewshot: int = 0,
                    batch_size: int = 8, limit=None, include_path=None,
-                   bootstrap_iters: int = 0, seed: int = 1234) -> dict:
+                   bootstrap_iters: int = 0, seed: int = 1234, log_samples: bool = False) -> dict:
     """Run lm-eval's ``simple_evaluate`` and return ``{"results": ..., "versions": ..., ...}``.
 
     ``limit`` is None unless asked for: every document of every task is scored.
+    ``include_path`` is a folder of extra task YAMLs; ``log_samples`` adds lm-eval's
+    per-request ``samples`` (with each request's log-likelihood) to the answer.
     """
     from lm_eval import simple_evaluate
 
@@ -68,11 +87,12 @@ def evaluate_tasks(logits_fn, tokenizer, tasks, *, max_length: int, num_fewshot:
                         "see `lm_eval --tasks list` or pass --include_path for local tasks")
     lm = NeoXEvalLM(logits_fn, tokenizer, max_length=max_length, batch_size=batch_size)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    out = simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
-                          task_manager=manager, bootstrap_iters=bootstrap_iters,
-                          log_samples=False, random_seed=seed, numpy_random_seed=seed,
-                          torch_random_seed=seed, fewshot_random_seed=seed)
-    return {k: out[k] for k in ("results", "versions", "n-shot", "configs") if k in out}
+    with _as_local_rank_0():
+        out = simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
+                              task_manager=manager, bootstrap_iters=bootstrap_iters,
+                              log_samples=log_samples, random_seed=seed, numpy_random_seed=seed,
+                              torch_random_seed=seed, fewshot_random_seed=seed)
+    return {k: out[k] for k in ("results", "versions", "n-shot", "configs", "samples") if k in out}
 
 
 def flatten_results(results: dict, prefix: str = "eval") -> dict[str, float]:

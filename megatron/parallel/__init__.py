@@ -1,9 +1,10 @@
 """Parallelism applied from outside the model: process groups, tensor parallelism,
 activation checkpointing and the DeepSpeed pipeline module."""
 from megatron.parallel.apply import (
+    LayerInit,
     apply_activation_checkpointing,
     apply_tensor_parallel,
-    init_layers_sharded,
+    build_model,
     layer_modules,
     local_blocks,
 )
@@ -21,16 +22,17 @@ from megatron.parallel.tensor_parallel import (
 
 __all__ = [
     "ColumnParallelLinear",
+    "LayerInit",
     "ParallelGroups",
     "RowParallelLinear",
     "VocabParallelEmbedding",
     "apply_activation_checkpointing",
     "apply_tensor_parallel",
+    "build_model",
     "build_pipeline_module",
     "build_topology",
     "copy_to_tensor_parallel_region",
     "gather_from_tensor_parallel_region",
-    "init_layers_sharded",
     "layer_modules",
     "local_blocks",
     "reduce_from_tensor_parallel_region",

@@ -1,5 +1,5 @@
-"""Parallelism applied to a pure GPTNeoX from outside: tensor parallelism, sharded init,
-activation checkpointing. The model code never sees a rank.
+"""Parallelism applied to a pure GPTNeoX from outside: tensor parallelism, layer-by-layer
+initialisation, activation checkpointing. The model code never sees a rank.
 
 Works on any module tree holding the GPT-NeoX layer names, so the same functions serve
 the whole model (pp=0) and the local layers of a pipeline stage.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -15,7 +16,7 @@ from deepspeed.pipe import PipelineModule
 from torch.utils.checkpoint import checkpoint
 
 from megatron.errors import ConfigError
-from megatron.model import Block, GPTNeoX, ModelConfig, init_weights
+from megatron.model import Block, Embedding, GPTNeoX, ModelConfig, init_weights
 from megatron.parallel.groups import ParallelGroups
 from megatron.parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 
@@ -23,7 +24,7 @@ from megatron.parallel.tensor_parallel import ColumnParallelLinear, RowParallelL
 # and `dense` next to a `query_key_value` (the attention output).
 COLUMN = ("query_key_value", "dense_h_to_4h", "final_linear")
 
-# Megatron's model-parallel seed offset: tp rank r draws its shards from seed + 2718 + r.
+# Megatron's model-parallel seed offset: with per-rank shards, tp rank r draws from seed + 2718 + r.
 TP_SEED_OFFSET = 2718
 
 
@@ -79,67 +80,108 @@ def _parallel_twin(name: str, parent: nn.Module, layer: nn.Module, group) -> nn.
     return None
 
 
-@torch.no_grad()
-def _copy_shard(full: nn.Module, shard: nn.Module, rank: int, tp: int) -> None:
-    """Column/vocab layers keep rows [rank], row layers keep columns [rank] and bias/tp."""
-    if isinstance(shard, RowParallelLinear):
-        shard.weight.copy_(full.weight.chunk(tp, dim=1)[rank])
-        if shard.bias is not None:
-            shard.bias.copy_(full.bias / tp)
-        return
-    shard.weight.copy_(full.weight.chunk(tp, dim=0)[rank])
-    if getattr(shard, "bias", None) is not None:
-        shard.bias.copy_(full.bias.chunk(tp, dim=0)[rank])
+def apply_tensor_parallel(model: nn.Module, groups: ParallelGroups, cfg: ModelConfig | None = None) -> nn.Module:
+    """Swap linears/embedding for their tensor-parallel twins, in place, keeping this
+    rank's slice of the weights already in `model` (on the meta device: just the shapes).
 
-
-def init_layers_sharded(model: nn.Module, cfg: ModelConfig, seed: int, tp_rank: int) -> None:
-    """NeoX-style init: every layer drawn from its own generator, forked per tp rank.
-
-    Seeding by pipeline layer index makes the initial weights independent of how layers
-    are spread over pipeline stages; seeding by tp rank makes them depend on tp, as in NeoX.
-    """
-    seen: set[int] = set()
-    for idx, layer in layer_modules(model).items():
-        params = list(layer.parameters())
-        if not params or all(id(p) in seen for p in params):  # the tied head: drawn at index 0
-            continue
-        seen.update(id(p) for p in params)
-        g = torch.Generator(device=params[0].device)
-        g.manual_seed(1000 * (seed + TP_SEED_OFFSET + tp_rank) + idx)  # distinct for < 1000 layers
-        init_weights(layer, cfg, generator=g)
-
-
-def apply_tensor_parallel(model: nn.Module, groups: ParallelGroups, shard_from_full: bool = True,
-                          seed: int | None = None, cfg: ModelConfig | None = None) -> nn.Module:
-    """Swap linears/embedding for their tensor-parallel twins, in place.
-
-    shard_from_full=True: keep this rank's slice of the weights already in `model`
-    (a materialised full model: equivalence tests, converted checkpoints).
-    shard_from_full=False: draw every shard fresh (`init_layers_sharded(seed)`), so the
-    initial weights depend on the tp size as in NeoX. `cfg` defaults to `model.cfg`.
+    Twins of already-parallel layers are not made, so applying it twice is harmless.
+    `cfg` (default `model.cfg`, if any) is checked for divisibility by the tp size.
     """
     cfg = cfg or getattr(model, "cfg", None)
     tp, rank = groups.tp_size, groups.tp_rank
     if cfg is not None:
         check_tp_divisibility(cfg, tp)
-    if not shard_from_full and (seed is None or cfg is None):
-        raise ValueError("sharded init needs seed and cfg")
-    if tp > 1:
-        swapped: dict[int, nn.Module] = {}  # id(full weight) -> its shard owner, to keep ties
-        for parent in list(model.modules()):
-            for name, layer in list(parent.named_children()):
-                twin = _parallel_twin(name, parent, layer, groups.tp_group)
-                if twin is None:
-                    continue
-                tied_to = swapped.get(id(layer.weight))
-                if tied_to is not None:
-                    twin.weight = tied_to.weight
-                elif shard_from_full:
-                    _copy_shard(layer, twin, rank, tp)
-                swapped[id(layer.weight)] = twin
-                setattr(parent, name, twin)
-    if not shard_from_full:
-        init_layers_sharded(model, cfg, seed, rank)
+    if tp == 1:
+        return model
+    swapped: dict[int, nn.Module] = {}  # id(full weight) -> its shard owner, to keep ties
+    for parent in list(model.modules()):
+        for name, layer in list(parent.named_children()):
+            twin = _parallel_twin(name, parent, layer, groups.tp_group)
+            if twin is None:
+                continue
+            tied_to = swapped.get(id(layer.weight))
+            if tied_to is not None:
+                twin.weight = tied_to.weight
+            else:
+                _copy_local(layer, twin, rank, tp)
+            swapped[id(layer.weight)] = twin
+            setattr(parent, name, twin)
+    return model
+
+
+@torch.no_grad()
+def _copy_local(full: nn.Module, local: nn.Module, rank: int, tp: int) -> None:
+    """Copy `full`'s own tensors into `local`, keeping this rank's slice if `local` is a
+    twin: column/vocab layers keep rows [rank], row layers keep columns [rank] and bias/tp."""
+    if isinstance(local, RowParallelLinear):
+        local.weight.copy_(full.weight.chunk(tp, dim=1)[rank])
+        if local.bias is not None:
+            local.bias.copy_(full.bias / tp)
+    elif isinstance(local, (ColumnParallelLinear, VocabParallelEmbedding)):
+        local.weight.copy_(full.weight.chunk(tp, dim=0)[rank])
+        if getattr(local, "bias", None) is not None:
+            local.bias.copy_(full.bias.chunk(tp, dim=0)[rank])
+    else:
+        for name, t in [*local.named_parameters(recurse=False), *local.named_buffers(recurse=False)]:
+            t.copy_(getattr(full, name))
+
+
+# ----------------------------------------------------------------------------- initialisation
+
+
+@dataclass(frozen=True)
+class LayerInit:
+    """How this rank gives a layer built on the meta device its initial weights.
+
+    Every NeoX pipeline layer is drawn from its own generator seeded by (seed, layer
+    index) — the embedding always by index 0, so a tied head copy on the last stage
+    draws the same matrix. per_rank_shards=False: the whole layer is drawn on the CPU
+    and this rank keeps its slice, so weights do not depend on tp or pp and the peak
+    extra memory is one full layer. per_rank_shards=True (NeoX): each shard is drawn
+    directly, in a generator forked per tp rank, so weights depend on tp.
+    """
+
+    cfg: ModelConfig
+    groups: ParallelGroups
+    seed: int
+    device: torch.device = torch.device("cpu")
+    per_rank_shards: bool = False
+
+    def generator(self, idx: int, layer: nn.Module) -> torch.Generator:
+        seed = self.seed + TP_SEED_OFFSET + self.groups.tp_rank if self.per_rank_shards else self.seed
+        idx = 0 if isinstance(layer, Embedding) else idx
+        return torch.Generator().manual_seed(1000 * seed + idx)  # distinct for < 1000 layers
+
+    @torch.no_grad()
+    def materialize(self, layer: nn.Module, idx: int) -> nn.Module:
+        """Tensor-parallel `layer` (NeoX layer `idx`) with real weights on `self.device`."""
+        apply_tensor_parallel(layer, self.groups, self.cfg)
+        if self.per_rank_shards:
+            init_weights(layer.to_empty(device="cpu"), self.cfg, generator=self.generator(idx, layer))
+            return layer.to(self.device)
+        with torch.device("cpu"):
+            full = type(layer)(self.cfg)  # the only full-size tensors: one layer at a time
+        init_weights(full, self.cfg, generator=self.generator(idx, layer))
+        layer.to_empty(device=self.device)
+        source = dict(full.named_modules())
+        for name, module in layer.named_modules():
+            _copy_local(source[name], module, self.groups.tp_rank, self.groups.tp_size)
+        return layer
+
+
+def build_model(init: LayerInit) -> GPTNeoX:
+    """The pp=0 model for this rank, built on the meta device and materialised layer by
+    layer: never more than one full-size layer in memory besides this rank's shards."""
+    with torch.device("meta"):
+        model = GPTNeoX(init.cfg)
+    apply_tensor_parallel(model, init.groups)  # on the whole model, so the tied head is swapped too
+    seen: set[int] = set()
+    for idx, layer in layer_modules(model).items():
+        if id(layer) not in seen:  # a tied head is the embedding, at index 0
+            seen.add(id(layer))
+            init.materialize(layer, idx)
+    if init.cfg.tie_embeddings:  # materialising gave the embedding a new tensor; share it again
+        model.head.final_linear.weight = model.embed.word_embeddings.weight
     return model
 
 

@@ -18,9 +18,8 @@ import torch
 import torch.nn.functional as F
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 
-from megatron.model import Block, Embedding, FinalNorm, GPTNeoX, Head, ModelConfig
-from megatron.parallel.apply import apply_tensor_parallel, checkpoint_block, layer_modules
-from megatron.parallel.groups import ParallelGroups
+from megatron.model import Block, Embedding, FinalNorm, Head, ModelConfig
+from megatron.parallel.apply import LayerInit, check_tp_divisibility, checkpoint_block, layer_modules
 from megatron.parallel.tensor_parallel import copy_to_tensor_parallel_region
 
 
@@ -50,48 +49,65 @@ def _tied_logits(embed: Embedding, x: torch.Tensor) -> torch.Tensor:
     return F.linear(copy_to_tensor_parallel_region(x, getattr(embed.word_embeddings, "group", None)), w)
 
 
-def layer_specs(cfg: ModelConfig) -> list:
+class _Materialised:
+    """Spec mixin: the layer is built on the meta device and materialised right away
+    (tensor-parallel, initial weights of NeoX layer `idx`, on this rank's device), so a
+    stage never holds a full-size copy of its layers. `typename` stays the layer class,
+    which partition_method="type:Block" matches. (DeepSpeed's "parameters" partitioning
+    builds every spec once to count: still one layer at a time, but a full draw.)"""
+
+    def build(self, log=False):
+        with torch.device("meta"):
+            layer = super().build(log)
+        return self.init.materialize(layer, self.idx)
+
+
+class _InitLayerSpec(_Materialised, LayerSpec):
+    def __init__(self, typename, cfg: ModelConfig, idx: int, init: LayerInit):
+        super().__init__(typename, cfg)
+        self.idx, self.init = idx, init
+
+
+class _InitTiedLayerSpec(_Materialised, TiedLayerSpec):
+    """The tied embedding: every copy (first and last stage) draws layer 0's weights."""
+
+    def __init__(self, cfg: ModelConfig, init: LayerInit, forward_fn=None):
+        super().__init__("embed", Embedding, cfg, forward_fn=forward_fn, tied_weight_attr=["word_embeddings.weight"])
+        self.idx, self.init = 0, init
+
+
+def layer_specs(init: LayerInit) -> list:
     """The NeoX layer list (indices as in the module docstring)."""
-    blocks = [LayerSpec(Block, cfg) for _ in range(cfg.num_layers)]
+    cfg, L = init.cfg, init.cfg.num_layers
+    blocks = [_InitLayerSpec(Block, cfg, i + 2, init) for i in range(L)]
     if cfg.tie_embeddings:
-        embed = TiedLayerSpec("embed", Embedding, cfg, tied_weight_attr=["word_embeddings.weight"])
-        head = TiedLayerSpec("embed", Embedding, cfg, forward_fn=_tied_logits,
-                             tied_weight_attr=["word_embeddings.weight"])
+        embed, head = _InitTiedLayerSpec(cfg, init), _InitTiedLayerSpec(cfg, init, forward_fn=_tied_logits)
     else:
-        embed, head = LayerSpec(Embedding, cfg), LayerSpec(Head, cfg)
-    return [embed, _to_stack, *blocks, _from_stack, LayerSpec(FinalNorm, cfg), head]
-
-
-@torch.no_grad()
-def _load_local_layers(pipe: PipelineModule, full_model: GPTNeoX) -> None:
-    source = layer_modules(full_model)
-    for idx, layer in layer_modules(pipe).items():
-        layer.load_state_dict(source[idx].state_dict())
+        embed, head = _InitLayerSpec(Embedding, cfg, 0, init), _InitLayerSpec(Head, cfg, L + 4, init)
+    return [embed, _to_stack, *blocks, _from_stack, _InitLayerSpec(FinalNorm, cfg, L + 3, init), head]
 
 
 def build_pipeline_module(
-    model_cfg: ModelConfig,
-    groups: ParallelGroups,
+    init: LayerInit,
     loss_fn,
     *,
-    seed: int,
     partition_method: str = "type:Block",
     activation_checkpointing: bool = False,
     recompute_context=None,
-    full_model: GPTNeoX | None = None,
 ) -> PipelineModule:
     """This stage's layers, tensor-parallel if tp > 1, ready for `deepspeed.initialize`.
 
-    Weights: copied (and sharded) from `full_model` when given, else drawn NeoX-style,
-    one generator per layer index and tp rank (`init_layers_sharded`). With
-    `activation_checkpointing` every block recomputes its activations in backward;
-    `recompute_context()` is entered during recomputation (L2E counts statistics once).
+    Only this stage's layers are built, one at a time, with `init`'s weights (so they
+    equal the pp=0 model's from `build_model(init)`). With `activation_checkpointing`
+    every block recomputes its activations in backward; `recompute_context()` is
+    entered during recomputation (L2E counts statistics once).
     """
+    check_tp_divisibility(init.cfg, init.groups.tp_size)
     if partition_method.lower() == NEOX_DEFAULT_PARTITION:
         partition_method = "type:Block"  # the same layers under our class name
     pipe = PipelineModule(
-        layers=layer_specs(model_cfg),
-        topology=groups.topology,
+        layers=layer_specs(init),
+        topology=init.groups.topology,
         loss_fn=loss_fn,
         partition_method=partition_method,
         activation_checkpoint_interval=0,  # blocks checkpoint themselves (never the embedding)
@@ -99,11 +115,6 @@ def build_pipeline_module(
     for layer in layer_modules(pipe).values():
         if isinstance(layer, Embedding):
             layer.register_forward_pre_hook(_unpack_tokens)
-    if full_model is not None:
-        _load_local_layers(pipe, full_model)
-    apply_tensor_parallel(pipe, groups, shard_from_full=full_model is not None, seed=seed, cfg=model_cfg)
-    if model_cfg.tie_embeddings:
-        pipe._synchronize_tied_weights()  # the first stage's draw wins on the last stage too
     if activation_checkpointing:
         for layer in layer_modules(pipe).values():
             if isinstance(layer, Block):

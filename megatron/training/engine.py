@@ -1,9 +1,11 @@
 """Build the model (plain, tensor-parallel or pipelined) and wrap it in a DeepSpeed engine.
 
-Order matters and is fixed here: build the full model from the seed (so every
-parallel layout starts from the same weights), shard it (tensor parallel), attach L2E
-to the blocks, add activation checkpointing (which must know L2E's recompute
-context), then hand model + our optimizer + our schedule to ``deepspeed.initialize``.
+Order matters and is fixed here: build this rank's layers one at a time, already
+sharded and on the device (initial weights depend on the seed and layer index only, so
+every parallel layout starts from the same weights without ever holding the whole
+model), attach L2E to the blocks, add activation checkpointing (which must know L2E's
+recompute context), then hand model + our optimizer + our schedule to
+``deepspeed.initialize``.
 """
 from __future__ import annotations
 
@@ -14,13 +16,14 @@ import torch
 import torch.nn.functional as F
 
 from megatron.errors import ConfigError
-from megatron.model import Block, GPTNeoX, init_weights
+from megatron.model import Block, GPTNeoX
 from megatron.parallel import (
     ColumnParallelLinear,
+    LayerInit,
     RowParallelLinear,
     VocabParallelEmbedding,
     apply_activation_checkpointing,
-    apply_tensor_parallel,
+    build_model,
     build_pipeline_module,
     layer_modules,
     vocab_parallel_cross_entropy,
@@ -63,14 +66,6 @@ def _pipe_loss_fn(tp_group):
         return lm_loss(logits, labels, loss_mask, tp_group)
 
     return loss_fn
-
-
-def build_full_model(args, seed: int) -> GPTNeoX:
-    """The whole model with NeoX's init, identical on every rank for a given seed."""
-    cfg = args.model_config()
-    model = GPTNeoX(cfg)
-    init_weights(model, cfg, generator=torch.Generator().manual_seed(seed))
-    return model
 
 
 @dataclass
@@ -137,22 +132,19 @@ def build_trainer(args, groups) -> Trainer:
     """Model + L2E + DeepSpeed engine for this rank, ready for the loop."""
     check_precision_supported(args)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    full = build_full_model(args, args.seed)
+    init = LayerInit(args.model_config(), groups, args.seed, device, per_rank_shards=args.init_per_rank_shards)
     tp_group = groups.tp_group if groups.tp_size > 1 else None
     is_pipe = args.pipe_parallel_size >= 1
     if is_pipe:
-        model = build_pipeline_module(full.cfg, groups, _pipe_loss_fn(tp_group), seed=args.seed,
-                                      partition_method=_partition_method(args), full_model=full)
-        del full
+        model = build_pipeline_module(init, _pipe_loss_fn(tp_group), partition_method=_partition_method(args))
     else:
-        model = apply_tensor_parallel(full, groups, shard_from_full=True, seed=args.seed)
+        model = build_model(init)
     _mark_for_grad_norm(model, groups.tp_rank, is_pipe)
     blocks = {idx - 2: m for idx, m in layer_modules(model).items() if isinstance(m, Block)}
     l2e = _attach_l2e(args, blocks, groups)
     if args.checkpoint_activations:
         apply_activation_checkpointing(model, recompute_context=l2e.recompute_context if l2e else None)
     module = model if is_pipe else SequentialGPTNeoX(model)
-    model.to(device)  # (pp=0: also buffers the model owns outside the ``sequential`` tree)
     optimizer = build_optimizer(args, module, tp_size=groups.tp_size)
     scheduler = AnnealingLR.from_args(optimizer, args)
     engine, _, _, _ = deepspeed.initialize(

@@ -20,7 +20,8 @@ from megatron.errors import ConfigError
 from megatron.training.engine import Trainer, build_trainer, lm_loss
 
 
-def _init_distributed():
+def init_distributed():
+    """torch.distributed via DeepSpeed (nccl on GPUs, gloo on CPU); a no-op when already up."""
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -111,19 +112,17 @@ def evaluate(trainer: Trainer, batches, eval_iters: int, dp_group=None) -> dict:
 
 
 def _check_runtime_settings(args):
-    if args.eval_tasks and args.pipe_parallel_size > 1:
-        raise ConfigError("eval_tasks during training needs pipe_parallel_size <= 1; "
-                          "run eval.py on the saved checkpoint instead")
     if args.train_iters is None or args.train_iters <= 0:
         raise ConfigError("train_iters must be a positive integer")
 
 
-def _run_eval_tasks(args, trainer, tokenizer) -> dict:
-    from megatron.eval.harness import evaluate_tasks, flatten_results, module_logits_fn
+def _run_eval_tasks(args, trainer, groups, tokenizer) -> dict:
+    from megatron.eval import evaluate_tasks, flatten_results, parallel_logits_fn
 
-    logits_fn = module_logits_fn(trainer.model, trainer.tp_group)
-    results = evaluate_tasks(logits_fn, tokenizer, args.eval_tasks, max_length=args.max_position_embeddings,
-                             seed=args.seed)
+    # Collective: every rank scores the same requests (a pipeline passes activations on).
+    results = evaluate_tasks(parallel_logits_fn(trainer, groups), tokenizer, args.eval_tasks,
+                             max_length=args.max_position_embeddings, num_fewshot=args.eval_num_fewshot,
+                             include_path=args.eval_include_path, seed=args.seed)
     return flatten_results(results)
 
 
@@ -135,7 +134,7 @@ def pretrain(args) -> dict:
     from megatron.training import checkpointing, logging, robustness
 
     _check_runtime_settings(args)
-    _init_distributed()
+    init_distributed()
     args.configure_world(dist.get_world_size())
     groups = ParallelGroups.build(max(1, args.pipe_parallel_size), args.model_parallel_size)
     set_seeds(args.seed)
@@ -164,6 +163,8 @@ def pretrain(args) -> dict:
         checkpointing.save_checkpoint(args, at, trainer.engine, groups, l2e=trainer.l2e)
         last_saved = at
 
+    if iteration == 0 and checkpointing.should_save(args, 0):
+        save(0)  # Pythia keeps the initialisation (extra_save_iters starts with 0)
     try:
         while iteration < args.train_iters:
             # L2E's detailed metrics cost a little; gather them only for lines that get written
@@ -174,7 +175,7 @@ def pretrain(args) -> dict:
             losses.append(metrics["lm_loss"])
             logger.log_step(iteration, _step_metrics(trainer, metrics, guard))
             if args.eval_interval and iteration % args.eval_interval == 0:
-                _evaluate_all(args, trainer, tokenizer, valid_batches, groups.dp_group, logger, iteration)
+                _evaluate_all(args, trainer, groups, tokenizer, valid_batches, logger, iteration)
             if checkpointing.should_save(args, iteration):
                 save(iteration)
             if preemption.requested() or (args.exit_interval and iteration - start >= args.exit_interval):
@@ -197,11 +198,11 @@ def _step_metrics(trainer: Trainer, metrics: dict, guard) -> dict:
     return out
 
 
-def _evaluate_all(args, trainer, tokenizer, valid_batches, dp_group, logger, iteration):
+def _evaluate_all(args, trainer, groups, tokenizer, valid_batches, logger, iteration):
     results = {}
     if valid_batches is not None:
-        results.update(evaluate(trainer, valid_batches, args.eval_iters, dp_group))
+        results.update(evaluate(trainer, valid_batches, args.eval_iters, groups.dp_group))
     if args.eval_tasks:
-        results.update(_run_eval_tasks(args, trainer, tokenizer))
+        results.update(_run_eval_tasks(args, trainer, groups, tokenizer))
     if results:
         logger.log_eval(iteration, results)

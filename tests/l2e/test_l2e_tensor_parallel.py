@@ -11,6 +11,12 @@ from megatron.l2e import L2E
 STEPS, BATCH, S, H = 4, 8, 3, 8
 
 
+def _numpy_state(l2e) -> dict:
+    """Layer 0's state with numpy arrays: a worker returning tensors would share their
+    storage through torch's resource sharer, which can vanish as the worker exits."""
+    return {k: v.numpy() if torch.is_tensor(v) else v for k, v in l2e.state_dict()["layers"][0].items()}
+
+
 def _block_output_run(cfg, tp_group=None):
     """Returns (state, dL/dx of the last step, the last output) for a Scale block."""
     block, l2e = attach_scale(cfg, S, H, tp_group=tp_group)
@@ -21,7 +27,7 @@ def _block_output_run(cfg, tp_group=None):
     out = block(x)
     (out * torch.linspace(-1, 1, H)).sum().backward()
     l2e.end_step()
-    return l2e.state_dict()["layers"][0], x.grad.numpy(), out.detach().numpy()
+    return _numpy_state(l2e), x.grad.numpy(), out.detach().numpy()
 
 
 def _block_output_body(rank, world_size, cfg):
@@ -61,7 +67,7 @@ def _mlp_act_run(rank, world_size):
         block(x).sum().backward()
         l2e.end_step()
         grads.append(x.grad.numpy())
-    return l2e.state_dict()["layers"][0], np.stack(grads)
+    return _numpy_state(l2e), np.stack(grads)
 
 
 def test_mlp_act_shards_match_single_process():

@@ -8,7 +8,13 @@ import torch.nn.functional as F
 from distributed import run_distributed
 from tp_helpers import gather, merged_grad
 from megatron.model import GPTNeoX, ModelConfig, init_weights
-from megatron.parallel import ParallelGroups, apply_tensor_parallel, vocab_parallel_cross_entropy
+from megatron.parallel import (
+    LayerInit,
+    ParallelGroups,
+    apply_tensor_parallel,
+    build_model,
+    vocab_parallel_cross_entropy,
+)
 
 CFG = dict(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, rotary_pct=0.25, max_position_embeddings=16)
 
@@ -64,8 +70,7 @@ def test_gpt_neox_tp2_equals_tp1(tp2_results, tie):
 def _sharded_init_body(rank, world_size):
     groups = ParallelGroups.build(pp=1, tp=world_size)
     cfg = ModelConfig(**CFG)
-    a = apply_tensor_parallel(GPTNeoX(cfg), groups, shard_from_full=False, seed=7)
-    b = apply_tensor_parallel(GPTNeoX(cfg), groups, shard_from_full=False, seed=7)
+    a, b = (build_model(LayerInit(cfg, groups, seed=7, per_rank_shards=True)) for _ in "ab")
     qkv = a.blocks[0].attention.query_key_value.weight
     other = gather(qkv.detach(), groups.tp_group, 0).chunk(world_size)[1 - rank]
     return dict(
@@ -133,7 +138,8 @@ def test_single_process_sharded_init_and_checkpointing(device):
 
     cfg = ModelConfig(**CFG)
     groups = ParallelGroups.single()
-    a, b = (apply_tensor_parallel(GPTNeoX(cfg).to(device), groups, shard_from_full=False, seed=7) for _ in "ab")
+    a, b = (build_model(LayerInit(cfg, groups, seed=7, device=torch.device(device), per_rank_shards=True))
+            for _ in "ab")
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
     apply_activation_checkpointing(b)
     tokens = torch.randint(0, 64, (2, 12), device=device)

@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from distributed import run_distributed
-from megatron.model import GPTNeoX, ModelConfig, init_weights
+from megatron.model import ModelConfig
 from megatron.parallel import (
+    LayerInit,
     ParallelGroups,
-    apply_tensor_parallel,
+    build_model,
     build_pipeline_module,
     layer_modules,
     local_blocks,
@@ -60,13 +61,13 @@ def _pipeline_body(rank, world_size, pp, tp, tie, save_dir):
 
     groups = ParallelGroups.build(pp=pp, tp=tp)
     cfg = ModelConfig(**CFG, tie_embeddings=tie)
-    full = GPTNeoX(cfg)
-    init_weights(full, cfg, generator=torch.Generator().manual_seed(1))
-    pipe = build_pipeline_module(cfg, groups, functools.partial(_lm_loss, tp_group=groups.tp_group), seed=5,
-                                 full_model=full, activation_checkpointing=True)
-    # Without full weights each layer is drawn from its own generator: the same as at pp=0.
-    same_init = _same_init_as_pp0(build_pipeline_module(cfg, groups, None, seed=5),
-                                  apply_tensor_parallel(GPTNeoX(cfg), groups, shard_from_full=False, seed=5))
+    # The reference is the whole tp=1 model: the stages' shards must start from its weights.
+    full = build_model(LayerInit(cfg, ParallelGroups.single(), seed=5))
+    pipe = build_pipeline_module(LayerInit(cfg, groups, seed=5), functools.partial(_lm_loss, tp_group=groups.tp_group),
+                                 activation_checkpointing=True)
+    # NeoX's per-rank shards are drawn by layer index too: the same as the pp=0 model with this tp.
+    per_rank = LayerInit(cfg, groups, seed=5, per_rank_shards=True)
+    same_init = _same_init_as_pp0(build_pipeline_module(per_rank, None), build_model(per_rank))
     ref_loss = sum(_lm_loss(full(t), (y, m), None) for t, y, m in _micro_batches()) / GAS
     ref_loss.backward()
 

@@ -1,9 +1,10 @@
 """TP=2, PP=2 and DP=2 (ZeRO-1) train exactly like one process (fp32, gloo).
 
-Every layout builds the same full model from the seed and shards/partitions it, reads
-the same global batches through the real data iterator, and runs the real
-DeepSpeed engine. We compare the first losses, the merged gradient of the first step
-(as the optimizer sees it, after clipping) and the merged weights after the last step.
+Every layout draws its own layers (shards) from the seed layer by layer, never the
+whole model, reads the same global batches through the real data iterator, and runs
+the real DeepSpeed engine. We compare the merged initial weights (bit for bit), the
+losses, the merged gradient of the first step (as the optimizer sees it, after
+clipping) and the merged weights after the last step.
 """
 from pathlib import Path
 
@@ -62,6 +63,7 @@ def _train(rank, world_size, overrides, steps):
     groups = ParallelGroups.build(max(1, args.pipe_parallel_size), args.model_parallel_size)
     trainer = build_trainer(args, groups)
     engine = trainer.engine
+    init_params = {_layer_key(k): v.detach().clone() for k, v in engine.module.state_dict().items()}
 
     names = {id(p): _layer_key(n) for n, p in engine.module.named_parameters()}
     first_grads = {}
@@ -81,7 +83,8 @@ def _train(rank, world_size, overrides, steps):
     losses = [train_step(trainer, batches, it, groups.dp_group)["lm_loss"] for it in range(steps)]
     params = {_layer_key(k): v.detach().clone() for k, v in engine.module.state_dict().items()}
     # numpy, not tensors: torch would share tensor storage with the (exiting) worker
-    return {"losses": losses, "grads": _numpy(first_grads), "params": _numpy(params), "tp_rank": groups.tp_rank,
+    return {"losses": losses, "grads": _numpy(first_grads), "params": _numpy(params),
+            "init_params": _numpy(init_params), "tp_rank": groups.tp_rank,
             "pp_rank": groups.pp_rank, "dp_rank": groups.dp_rank}
 
 
@@ -126,6 +129,13 @@ def _assert_close_dicts(got: dict, want: dict, tol: float, what: str):
     assert worst[0] < tol, f"{what}: {worst[1]} differs by {worst[0]:.2e} (relative norm)"
 
 
+def _assert_equal_dicts(got: dict, want: dict, what: str):
+    """Bit for bit: every layout draws the same initial weights from the seed."""
+    assert set(got) == set(want), f"{what}: keys differ: {set(got) ^ set(want)}"
+    differ = [k for k in want if not torch.equal(got[k], want[k])]
+    assert not differ, f"{what}: {differ} differ"
+
+
 @pytest.fixture(scope="module")
 def single():
     overrides = {"train_batch_size": 4, "train_micro_batch_size_per_gpu": 2,
@@ -135,7 +145,7 @@ def single():
 
 
 def _tensors(result: dict) -> dict:
-    for key in ("grads", "params"):
+    for key in ("grads", "params", "init_params"):
         result[key] = {k: torch.from_numpy(v) for k, v in result[key].items()}
     return result
 
@@ -157,6 +167,7 @@ def test_tensor_parallel_matches_single_process(single):
     shards = sorted(results, key=lambda r: r["tp_rank"])
     assert shards[0]["grads"]["2.attention.query_key_value.weight"].shape[0] * 2 == \
         single["grads"]["2.attention.query_key_value.weight"].shape[0]  # really sharded
+    _assert_equal_dicts(merge_tp_shards([r["init_params"] for r in shards]), single["init_params"], "TP init")
     _assert_close_dicts(_merge_grads([r["grads"] for r in shards]), single["grads"], 1e-5, "TP grads")
     _assert_close_dicts(merge_tp_shards([r["params"] for r in shards]), single["params"], WEIGHT_TOL, "TP weights")
 
@@ -170,6 +181,7 @@ def test_pipeline_parallel_matches_single_process(single):
     assert not stage_keys[0] & stage_keys[1]  # each stage holds its own layers only
     grads = {k: v for r in results for k, v in r["grads"].items()}
     params = {k: v for r in results for k, v in r["params"].items()}
+    _assert_equal_dicts({k: v for r in results for k, v in r["init_params"].items()}, single["init_params"], "PP init")
     _assert_close_dicts(grads, single["grads"], 1e-5, "PP grads")
     _assert_close_dicts(params, single["params"], WEIGHT_TOL, "PP weights")
 

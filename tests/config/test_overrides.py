@@ -1,0 +1,44 @@
+"""--override KEY=VALUE with dotted keys: one entry of a block, the rest of it kept."""
+import os
+
+import pytest
+
+from megatron.config import ConfigError
+from megatron.config.launch_args import config_parser, load_from_namespace
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY = os.path.join(HERE, "fixtures", "tiny.yml")  # l2e: enabled, layers [0, 1], rate 0.05
+
+
+def load(*overrides):
+    return load_from_namespace(config_parser("train.py", with_script=False).parse_args(
+        [TINY, "--override", *overrides]))
+
+
+def test_dotted_key_sets_one_entry_and_keeps_the_block():
+    args = load("l2e.inhibition=none", "l2e.warmup-steps=3")
+    assert args.l2e.inhibition == "none"
+    assert args.l2e.warmup_steps == 3
+    # the file's other l2e entries survive
+    assert args.l2e.enabled and args.l2e.layers == [0, 1] and args.l2e.rate == 0.05
+
+
+def test_dotted_key_reaches_nested_dicts():
+    args = load("optimizer.params.lr=0.01", "zero_optimization.stage=1")
+    assert args.optimizer == {"type": "Adam", "params": {"lr": 0.01}}
+    assert args.zero_optimization["stage"] == 1
+
+
+def test_whole_block_override_still_replaces_it():
+    args = load("l2e={enabled: true, inhibition: none}")
+    assert args.l2e.inhibition == "none" and args.l2e.rate == 0.02  # back to the default
+
+
+def test_dotted_key_into_a_scalar_is_a_config_error():
+    with pytest.raises(ConfigError, match="train_iters"):
+        load("train_iters.x=3")
+
+
+def test_dotted_key_typo_names_the_block_key():
+    with pytest.raises(ConfigError, match="l2e.inhibtion"):
+        load("l2e.inhibtion=none")
