@@ -14,7 +14,7 @@ export WANDB_MODE           ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 export PYTHONUNBUFFERED     := 1
 
-.PHONY: install demo demo-monitor test test-fast bench clean
+.PHONY: install demo demo-monitor figures test test-fast bench clean
 
 $(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,14 @@ demo: install
 demo-monitor: install
 	$(BIN)/python deepy.py train.py configs/local/tiny.yml --override l2e.inhibition=none \
 		log_dir=runs/tiny_monitor/logs save=runs/tiny_monitor/checkpoints
+
+# FKR curves, the Fig. 12 threshold curve and the other analyses of the two demo runs.
+figures: install
+	$(BIN)/python tools/analysis/report.py \
+		--models tiny=runs/tiny/checkpoints tiny_monitor=runs/tiny_monitor/checkpoints \
+		--features data/features/languages.jsonl data/features/genre.jsonl \
+		--runs L2E=runs/tiny/logs/metrics.jsonl monitor=runs/tiny_monitor/logs/metrics.jsonl \
+		--out runs/tiny/report
 
 test: install
 	DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 $(BIN)/python tools/warm_deepspeed.py

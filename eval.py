@@ -112,6 +112,9 @@ def main(argv=None):
     cli = parse_cli(sys.argv[1:] if argv is None else argv)
     neox_args = load_neox_args(cli)
     path = cli.checkpoint or (neox_args.load if neox_args is not None else None)
+    if not path and neox_args is not None and neox_args.save and Path(neox_args.save, "latest").is_file():
+        path = neox_args.save  # a config that trained and saved, evaluated as-is
+        print(f"eval: `load` is not set; evaluating the run's `save` dir {path}", file=sys.stderr)
     if not path:
         raise CheckpointError("eval: no checkpoint; pass --checkpoint DIR or set `load` in the config")
     checkpoint = Path(path)

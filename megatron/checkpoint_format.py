@@ -257,13 +257,10 @@ def _load(path: Path, trusted_pickle: bool = False):
 
 
 def checkpoint_neox_args(step: Path):
-    """NeoXArgs from the run's saved YAML files, or None when the checkpoint has none."""
-    ymls = sorted(p for p in (step / "configs").glob("*.y*ml"))
-    if not ymls:
-        return None
+    """NeoXArgs from the run's saved YAML files (and overrides), or None when it has none."""
     from megatron.config import NeoXArgs
 
-    return NeoXArgs.from_ymls([str(p) for p in ymls])
+    return NeoXArgs.from_config_dir(step / "configs")
 
 
 def _tp_size(step: Path) -> int:

@@ -11,6 +11,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
 
@@ -73,6 +74,7 @@ def plot_ms_layers(results: list[dict], path) -> Path:
         layers = sorted(map(int, r["mean_phi_star"]))
         ax.plot(layers, [r["mean_phi_star"][str(l)] for l in layers], "o-", color=colour, label=r["model"])
     ax.set_xlabel("layer")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("mean φ_ℓ*")
     ax.set_yscale("log")
     ax.legend()
@@ -94,6 +96,7 @@ def plot_fkr(results: list[dict], path) -> Path:
     a.set_title("FKR vs inhibition rate (red: minimum)")
     a.legend()
     b.set_xlabel("layer")
+    b.xaxis.set_major_locator(MaxNLocator(integer=True))
     b.set_ylabel(f"FKR at {100 * results[0]['layer_rate']:g}%")
     b.set_title("FKR per layer")
     b.legend()

@@ -28,6 +28,8 @@ def config_parser(prog: str, with_script: bool) -> argparse.ArgumentParser:
     p.add_argument("-d", "--conf_dir", help="directory prefixed to every config path")
     p.add_argument("-H", "--hostfile", help="DeepSpeed hostfile (overrides the config)")
     p.add_argument("--eval_tasks", nargs="+", help="lm-eval tasks (eval.py)")
+    p.add_argument("--num_fewshot", dest="eval_num_fewshot", type=int,
+                   help="few-shot examples per lm-eval task (eval.py)")
     p.add_argument("--iteration", type=int, help="checkpoint iteration to load")
     p.add_argument("--eval_results_prefix", help="prefix of the eval results file")
     for key in ("wandb_group", "wandb_team", "wandb_run_name"):
@@ -50,7 +52,7 @@ def config_paths(configs, conf_dir=None) -> list[str]:
 
 
 def overrides_from(ns: argparse.Namespace) -> dict:
-    keys = ("hostfile", "eval_tasks", "iteration", "eval_results_prefix",
+    keys = ("hostfile", "eval_tasks", "eval_num_fewshot", "iteration", "eval_results_prefix",
             "wandb_group", "wandb_team", "wandb_run_name")
     out = {k: getattr(ns, k) for k in keys if getattr(ns, k) is not None}
     for item in ns.override:

@@ -14,6 +14,9 @@ import logging
 import math
 import typing
 from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
 
 from megatron.config import compat
 from megatron.config.l2e import L2EConfig
@@ -24,6 +27,9 @@ from megatron.config.schema import (
 )
 from megatron.config.types import check_value, nearest_hint
 from megatron.errors import ConfigError
+
+# Command-line overrides, saved next to the YAML files in every checkpoint's configs/.
+OVERRIDES_FILE = "command_line_overrides.yml"
 
 log = logging.getLogger(__name__)
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu",
@@ -61,13 +67,30 @@ class NeoXArgs(ModelArgs, ParallelArgs, OptimizerArgs, TrainingArgs, DataArgs,
 
     @classmethod
     def from_ymls(cls, paths, overrides: dict | None = None) -> "NeoXArgs":
-        """Load, merge (disjoint), apply command-line overrides, validate and derive."""
+        """Load, merge (disjoint), apply command-line overrides, validate and derive.
+
+        The overrides are kept beside the raw YAML texts (as ``OVERRIDES_FILE``), so a
+        checkpoint's ``configs/`` folder rebuilds exactly the run's arguments.
+        """
         values, sources, texts = merge_yamls(paths)
         for key, value in (overrides or {}).items():
             top, *path = normalize_key(key).split(".")
             values[top] = _set_nested(values.get(top), path, value, key) if path else value
             sources[top] = "command line"
+        if overrides:
+            texts = {**texts, OVERRIDES_FILE: yaml.safe_dump(dict(overrides), sort_keys=False)}
         return cls._build(values, sources, texts)
+
+    @classmethod
+    def from_config_dir(cls, folder) -> "NeoXArgs | None":
+        """The arguments saved in a checkpoint's ``configs/`` folder (None if it has none)."""
+        folder = Path(folder)
+        files = sorted(p for p in folder.glob("*.y*ml") if p.name != OVERRIDES_FILE)
+        if not files:
+            return None
+        overrides_path = folder / OVERRIDES_FILE
+        overrides = yaml.safe_load(overrides_path.read_text()) if overrides_path.is_file() else None
+        return cls.from_ymls([str(p) for p in files], overrides=overrides)
 
     @classmethod
     def from_dict(cls, d: dict, config_files: dict | None = None) -> "NeoXArgs":

@@ -22,7 +22,8 @@ BLEND_MARGIN = 1.005  # NeoX asks each blended dataset for 0.5% extra samples
 def num_samples(args) -> tuple[int, int, int]:
     """Samples needed by train, valid and test (NeoX's formulas)."""
     batch = args.train_batch_size
-    evals = args.train_iters // args.eval_interval + 1
+    # eval_interval 0 (or unset) means validation only at the end of training.
+    evals = args.train_iters // args.eval_interval + 1 if args.eval_interval else 1
     return (args.train_iters * batch, evals * args.eval_iters * batch, args.eval_iters * batch)
 
 

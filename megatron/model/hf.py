@@ -143,7 +143,25 @@ def write_hf_checkpoint(directory, cfg: ModelConfig, sd: dict, tokenizer_file=No
     hf_model.config.dtype = dtype
     hf_model.save_pretrained(str(directory))
     if tokenizer_file is not None:
-        PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file)).save_pretrained(str(directory))
+        PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file),
+                                **special_tokens(tokenizer_file)).save_pretrained(str(directory))
+
+
+def special_tokens(tokenizer_file) -> dict:
+    """BOS/EOS/UNK (and PAD) as Pythia's HF tokenizer declares them.
+
+    NeoX tokenizers mark end-of-document with ``<|endoftext|>`` (id 0), which HF's
+    GPT-NeoX tokenizer uses as BOS, EOS and UNK; without them ``lm_eval --model hf``
+    cannot build its prefix token.
+    """
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_file))
+    eod = "<|endoftext|>" if tok.token_to_id("<|endoftext|>") is not None else tok.id_to_token(0)
+    out = {"bos_token": eod, "eos_token": eod, "unk_token": eod}
+    if tok.token_to_id("<|padding|>") is not None:
+        out["pad_token"] = "<|padding|>"
+    return out
 
 
 def copy_hf_tokenizer(hf_dir, destination) -> Path | None:

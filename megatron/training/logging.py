@@ -166,6 +166,7 @@ class MetricsLogger:
         parts = [
             f" iteration {iteration:8d}/{self.args.train_iters:8d}",
             f"elapsed time per iteration (ms): {m['runtime/iteration_time'] * 1000:.1f}",
+            f"tokens/s: {m.get('runtime/tokens_per_sec', math.nan):.0f}",
             f"learning rate: {m.get('train/learning_rate', math.nan):.3E}",
             f"approx flops per GPU: {m['runtime/flops_per_sec_per_gpu'] / 1e12:.2f}TFLOPS",
             f"lm_loss: {m.get('train/lm_loss', math.nan):.6E}",

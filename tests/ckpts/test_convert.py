@@ -13,7 +13,7 @@ from megatron.config import NeoXArgs
 from megatron.errors import CheckpointError
 from megatron.model.hf import hf_to_model_state_dict
 
-from conftest import REPO, make_hf_dir
+from ckpt_testlib import REPO, make_hf_dir
 
 L = 3  # layers in the conftest model
 

@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from megatron.config import ConfigError
+from megatron.config import ConfigError, NeoXArgs
 from megatron.config.launch_args import config_parser, load_from_namespace
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -42,3 +42,28 @@ def test_dotted_key_into_a_scalar_is_a_config_error():
 def test_dotted_key_typo_names_the_block_key():
     with pytest.raises(ConfigError, match="l2e.inhibtion"):
         load("l2e.inhibtion=none")
+
+
+def test_overrides_are_saved_with_the_config_files(tmp_path):
+    """A checkpoint's configs/ folder rebuilds the run's arguments, command-line overrides included."""
+    from pathlib import Path
+
+    from megatron.config.neox_args import OVERRIDES_FILE
+
+    tiny = Path(__file__).resolve().parents[2] / "configs" / "local" / "tiny.yml"
+    args = NeoXArgs.from_ymls([str(tiny)], overrides={"hidden_size": 64, "l2e.inhibition": "none"})
+    assert OVERRIDES_FILE in args.config_files
+    for name, text in args.config_files.items():
+        (tmp_path / name).write_text(text)
+    saved = NeoXArgs.from_config_dir(tmp_path)
+    assert saved.hidden_size == 64 and saved.l2e.inhibition == "none"
+    assert saved.to_dict() == args.to_dict()
+    assert NeoXArgs.from_config_dir(tmp_path / "missing") is None
+
+
+def test_eval_flags_become_config_keys():
+    """`deepy.py eval.py CONFIG --eval_tasks ... --num_fewshot 5`, as NeoX's deepy takes them."""
+    args = load_from_namespace(config_parser("eval.py", with_script=False).parse_args(
+        [TINY, "--eval_tasks", "piqa", "sciq", "--num_fewshot", "5", "--iteration", "7"]))
+    assert args.eval_tasks == ["piqa", "sciq"]
+    assert args.eval_num_fewshot == 5 and args.iteration == 7

@@ -128,6 +128,8 @@ def test_split_and_sample_counts():
     assert b[0] == 0 and b[-1] == 7 and b == sorted(b)
     args = SimpleNamespace(train_iters=100, eval_interval=30, eval_iters=2, train_batch_size=4)
     assert num_samples(args) == (400, (100 // 30 + 1) * 2 * 4, 8)
+    args.eval_interval = 0  # validation only at the end
+    assert num_samples(args) == (400, 2 * 4, 8)
     with pytest.raises(ConfigError, match="split"):
         split_boundaries("a,b", 10)
 

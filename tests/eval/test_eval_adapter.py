@@ -36,13 +36,13 @@ def hf_dir(tmp_path_factory):
     return out
 
 
-def _ours(hf_dir, task_dir, tasks):
+def _ours(model_dir, task_dir, tasks, tokenizer_dir=None):
     from megatron import load_model
     from megatron.eval import evaluate_tasks, module_logits_fn
     from megatron.tokenizer.tokenizer import HFTokenizer
 
-    model = load_model(hf_dir)
-    tokenizer = HFTokenizer(str(hf_dir / "tokenizer.json"))
+    model = load_model(model_dir)
+    tokenizer = HFTokenizer(str((tokenizer_dir or model_dir) / "tokenizer.json"))
     return evaluate_tasks(module_logits_fn(model), tokenizer, tasks, max_length=128,
                           batch_size=3, include_path=str(task_dir))["results"]
 
@@ -96,3 +96,27 @@ def test_eval_cli_missing_checkpoint_exits_2(tmp_path):
          "--eval_tasks", "tiny_mc"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "nope" in proc.stderr
+
+
+def _tool(name):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / "ckpts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def test_neox_checkpoint_scores_like_lm_eval_hf_on_its_conversion(hf_dir, task_dir, tmp_path):
+    """Our checkpoint through our adapter == its HF conversion through `lm_eval --model hf`."""
+    neox, back = tmp_path / "neox", tmp_path / "hf_back"
+    _tool("convert_hf_to_neox")(["--hf", str(hf_dir), "--output", str(neox), "--tp", "2"])
+    _tool("convert_neox_to_hf")(["--input", str(neox), "--output", str(back)])
+    assert (neox / "latest").is_file() and (back / "config.json").is_file()
+    tasks = ["tiny_mc", "tiny_ppl"]
+    ours = _ours(neox, task_dir, tasks, tokenizer_dir=hf_dir)
+    theirs = _hf(back, task_dir, tasks)
+    assert ours["tiny_mc"]["acc,none"] == theirs["tiny_mc"]["acc,none"]
+    assert ours["tiny_mc"]["acc_norm,none"] == theirs["tiny_mc"]["acc_norm,none"]
+    assert ours["tiny_ppl"]["word_perplexity,none"] == pytest.approx(
+        theirs["tiny_ppl"]["word_perplexity,none"], rel=1e-5)
