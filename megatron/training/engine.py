@@ -100,6 +100,21 @@ def _mark_for_grad_norm(model: torch.nn.Module, tp_rank: int, is_pipe: bool):
             p.model_parallel = True
 
 
+def _use_foreach_clipping(engine, optimizer):
+    """Swap DeepSpeed's per-parameter python loops for torch's foreach kernels.
+
+    Only for fp32, ZeRO-0, pp=0, tp=1, where DeepSpeed clips every local gradient by the
+    global norm: with no tensor shards the local norm is the global one (dp replicas
+    hold identical, already-reduced grads), so ``clip_grad_norm_`` applies the same
+    min(1, max_norm / (norm + 1e-6)) scaling, equal up to float rounding of the norm.
+    Measured on the tiny bench shape (CPU, 2 threads): 1.04 -> 0.63 ms per step
+    (DeepSpeed norms and scales one parameter at a time and all-reduces the norm twice).
+    """
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    max_norm = engine.gradient_clipping()
+    engine.clip_fp32_gradients = lambda: torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+
+
 def _attach_l2e(args, stage_blocks: dict, groups):
     """L2E hooks on the configured layers that live on this stage (None when disabled)."""
     if not args.l2e.enabled:
@@ -155,6 +170,8 @@ def build_trainer(args, groups) -> Trainer:
         # Nothing to average over: skip DeepSpeed's flatten + all-reduce of every gradient
         # on a group of one (about 3% of a CPU step for the tiny model).
         engine.enable_backward_allreduce = False
+    if groups.tp_size == 1 and not is_pipe and engine.zero_optimization_stage() == 0 and args.precision == "fp32":
+        _use_foreach_clipping(engine, optimizer)
     # A one-stage pipeline is still a plain callable model (pp=1, as in Pythia's configs).
     whole = not is_pipe or groups.pp_size == 1
     return Trainer(engine=engine, l2e=l2e, is_pipe=is_pipe,
