@@ -15,16 +15,11 @@ which is destroyed afterwards. A rank that raises fails the test with its traceb
 from __future__ import annotations
 
 import os
-import socket
 import traceback
 
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from megatron.launcher import free_port
 
 
 def _worker(rank, world_size, port, fn, args, kwargs, queue, init_deepspeed):

@@ -6,8 +6,9 @@ the first distributed test compiling it at the same time. Cached in
 ~/.cache/torch_extensions afterwards (~1 s).
 """
 import os
-import socket
+import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
@@ -16,10 +17,10 @@ def main():
     import deepspeed
     import torch.distributed as dist
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0",
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from megatron.launcher import free_port
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0",
                       WORLD_SIZE="1", LOCAL_RANK="0")
     start = time.time()
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)

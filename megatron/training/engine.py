@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron.errors import ConfigError
-from megatron.model import Block, GPTNeoX
+from megatron.model import GPTNeoX
 from megatron.parallel import (
     ColumnParallelLinear,
     LayerInit,
@@ -26,6 +26,7 @@ from megatron.parallel import (
     build_model,
     build_pipeline_module,
     layer_modules,
+    local_blocks,
     vocab_parallel_cross_entropy,
 )
 from megatron.training.ds_config import build_ds_config
@@ -126,12 +127,6 @@ def _attach_l2e(args, stage_blocks: dict, groups):
                       dp_group=groups.dp_group, tp_group=groups.tp_group)
 
 
-def _partition_method(args) -> str:
-    # NeoX's default regex names NeoX's block class; ours is Block.
-    method = args.pipe_partition_method
-    return "type:Block" if method == "type:transformer|mlp" else method
-
-
 def check_precision_supported(args):
     """fp16 needs hardware support that DeepSpeed's CPU accelerator often lacks."""
     from deepspeed.accelerator import get_accelerator
@@ -151,11 +146,11 @@ def build_trainer(args, groups) -> Trainer:
     tp_group = groups.tp_group if groups.tp_size > 1 else None
     is_pipe = args.pipe_parallel_size >= 1
     if is_pipe:
-        model = build_pipeline_module(init, _pipe_loss_fn(tp_group), partition_method=_partition_method(args))
+        model = build_pipeline_module(init, _pipe_loss_fn(tp_group), partition_method=args.pipe_partition_method)
     else:
         model = build_model(init)
     _mark_for_grad_norm(model, groups.tp_rank, is_pipe)
-    blocks = {idx - 2: m for idx, m in layer_modules(model).items() if isinstance(m, Block)}
+    blocks = local_blocks(model)
     l2e = _attach_l2e(args, blocks, groups)
     if args.checkpoint_activations:
         apply_activation_checkpointing(model, recompute_context=l2e.recompute_context if l2e else None)

@@ -126,7 +126,7 @@ def test_pp2_tp2_tied_equals_single_process(tmp_path):
     _check(results)
     files = os.listdir(tmp_path / "global_step2")
     L = CFG["num_layers"]
-    assert {f"layer_00-model_01-model_states.pt", f"layer_{L + 3:02d}-model_01-model_states.pt"} <= set(files)
+    assert {"layer_00-model_01-model_states.pt", f"layer_{L + 3:02d}-model_01-model_states.pt"} <= set(files)
     assert not any(f.startswith(f"layer_{L + 4:02d}") for f in files)  # the tied head is the embedding
 
 
