@@ -6,6 +6,7 @@ are GPT-NeoX v1.0's, so a NeoX config trains on the same tokens in the same orde
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import torch
@@ -73,7 +74,7 @@ def weights_by_num_docs(num_docs, alpha: float) -> list[float]:
     return (weights / weights.sum()).tolist()
 
 
-def _blend(args, paths, weights, total, kind):
+def _blend(args, paths, weights, total, kind, blend=True):
     indexed = [MMapIndexedDataset(prefix) for prefix in paths]
     if getattr(args, "weight_by_num_documents", False):
         weights = weights_by_num_docs([len(d) for d in indexed], args.weighted_sampler_alpha)
@@ -85,21 +86,31 @@ def _blend(args, paths, weights, total, kind):
     weights, counts = blend_num_samples(weights, total)
     datasets = [_gpt2(args, prefix, f"{kind}_{i}", np.arange(len(ds), dtype=np.int32), ds, n)
                 for i, (prefix, ds, n) in enumerate(zip(paths, indexed, counts))]
-    return BlendableDataset(datasets, weights)
+    return BlendableDataset(datasets, weights) if blend else datasets
 
 
 def _preshuffled_train(args, n):
-    paths = args.train_data_paths or [args.data_path]
-    if len(paths) != 1 or paths[0] is None:
-        raise ConfigError("data_preshuffled: needs exactly one train data path (the unsharded "
-                          "pre-shuffled 'document' prefix) in data_path or train_data_paths")
+    paths = args.train_data_paths
+    if len(paths) != 1:
+        raise ConfigError(f"data_preshuffled: needs exactly one train_data_paths entry (the "
+                          f"unsharded pre-shuffled 'document' prefix), got {len(paths)}")
+    for kind in ("valid", "test"):
+        held_out = [os.path.realpath(p) for p in getattr(args, f"{kind}_data_paths") or []]
+        if os.path.realpath(paths[0]) in held_out:
+            raise ConfigError(f"{kind}_data_paths: {paths[0]} is also the pre-shuffled train "
+                              f"data, so {kind} would score rows the model trains on; give "
+                              f"held-out data, or use data_path + split (which splits the rows)")
     return PreshuffledDataset(MMapIndexedDataset(paths[0]), args.seq_length, n)
 
 
-def build_train_valid_test_datasets(args):
+def build_train_valid_test_datasets(args, blend=True):
     """(train, valid, test) datasets; an entry is None when it has no data.
 
     ``data_preshuffled`` applies to the train set; valid/test are built the usual way.
+    With ``data_path`` + ``split`` the pre-shuffled train set is the first rows (the
+    train share) and valid/test cut samples from the rows after it, so no row is in
+    both. ``blend=False`` returns each ``*_data_paths`` split as its list of component
+    GPT2Datasets: every index map built or loaded, the blending itself skipped.
     """
     _check_impl(args)
     counts = num_samples(args)
@@ -112,7 +123,8 @@ def build_train_valid_test_datasets(args):
             if kind == "train" and preshuffled:
                 out.append(_preshuffled_train(args, n))
             elif paths:
-                out.append(_blend(args, paths, getattr(args, f"{kind}_data_weights", None), n, kind))
+                out.append(_blend(args, paths, getattr(args, f"{kind}_data_weights", None), n,
+                                  kind, blend))
             else:
                 out.append(None)
         return tuple(out)
@@ -124,13 +136,27 @@ def build_train_valid_test_datasets(args):
     out = []
     for i, (kind, n) in enumerate(zip(("train", "valid", "test"), counts)):
         if kind == "train" and preshuffled:
-            out.append(PreshuffledDataset(indexed, args.seq_length, n))
+            out.append(PreshuffledDataset(indexed, args.seq_length, n, num_rows=bounds[1],
+                                          rows_hint=f"the train share of split {args.split!r}"))
         elif bounds[i + 1] > bounds[i]:
             documents = np.arange(bounds[i], bounds[i + 1], dtype=np.int32)
             out.append(_gpt2(args, args.data_path, kind, documents, indexed, n))
         else:
             out.append(None)
     return tuple(out)
+
+
+def index_caches(dataset) -> list[dict]:
+    """{"name", "hit", "paths"} of the index-map cache of every GPT2Dataset in ``dataset``
+    (one, a blend, or build_train_valid_test_datasets' blend=False list); [] for None or
+    pre-shuffled data, which has no maps."""
+    if isinstance(dataset, GPT2Dataset):
+        return [{"name": dataset.name, **dataset.index_cache}]
+    if isinstance(dataset, BlendableDataset):
+        dataset = dataset.datasets
+    if isinstance(dataset, list):
+        return [cache for part in dataset for cache in index_caches(part)]
+    return []
 
 
 def _read_items(dataset, start: int, stop: int) -> np.ndarray:

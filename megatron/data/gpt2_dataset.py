@@ -15,6 +15,7 @@ Item k of the dataset is sample ``shuffle_idx[k]``.
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import torch
@@ -92,6 +93,10 @@ def index_map_paths(prefix: str, name: str, num_samples: int, seq_length: int, s
     return {key: f"{stem}_{key}.npy" for key in ("doc_idx", "sample_idx", "shuffle_idx")}
 
 
+MAP_KEYS = ("doc_idx", "sample_idx", "shuffle_idx")
+_MAP_DTYPES = {"doc_idx": (np.int32,), "sample_idx": (np.int32,), "shuffle_idx": (np.uint32, np.int64)}
+
+
 def _save_atomic(path: str, array: np.ndarray) -> None:
     # A crash mid-write must not leave a truncated map that later runs would trust.
     tmp = f"{path}.tmp{os.getpid()}"
@@ -100,11 +105,40 @@ def _save_atomic(path: str, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
+def _load_map(key: str, path: str):
+    """The memory-mapped map, or the reason it cannot be used (truncated, foreign...)."""
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        return None, str(e).split("\n")[0]
+    shape_ok = array.ndim == 2 and array.shape[1] == 2 if key == "sample_idx" else array.ndim == 1
+    if array.dtype not in _MAP_DTYPES[key] or not shape_ok:
+        return None, f"holds {array.dtype}{list(array.shape)}, not a NeoX {key}"
+    return array, None
+
+
+def _load_cached(paths: dict):
+    """The three maps if all are present and readable, else None (reporting damage)."""
+    if not all(os.path.isfile(p) for p in paths.values()):
+        return None
+    maps = []
+    for key in MAP_KEYS:
+        array, problem = _load_map(key, paths[key])
+        if problem:
+            print(f"index map {paths[key]} is unusable ({problem}); rebuilding it", flush=True)
+            return None
+        maps.append(array)
+    return tuple(maps)
+
+
 def load_or_build_index_maps(prefix, name, sizes, documents, num_samples, seq_length, seed,
                              cache_dir=None, use_shared_fs=True):
-    """Rank 0 builds and saves the maps if missing; every rank then memory-maps them.
+    """((doc_idx, sample_idx, shuffle_idx), cache hit): rank 0 builds and saves the maps
+    if missing or damaged; every rank then memory-maps them.
 
     Without a shared filesystem (use_shared_fs false) local rank 0 of each node builds.
+    The hit flag is exact on the building rank; the others report whether the files
+    were there when they looked.
     """
     paths = index_map_paths(prefix, name, num_samples, seq_length, seed, cache_dir)
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -112,38 +146,58 @@ def load_or_build_index_maps(prefix, name, sizes, documents, num_samples, seq_le
         builder = not distributed or torch.distributed.get_rank() == 0
     else:
         builder = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    stem = paths["doc_idx"].removesuffix("_doc_idx.npy")
     if builder:
-        if not all(os.path.isfile(p) for p in paths.values()):
+        hit = _load_cached(paths) is not None
+        if hit:
+            print(f"index map {name}: cache hit, {stem}_*.npy", flush=True)
+        else:
+            start = time.time()
             os.makedirs(os.path.dirname(os.path.abspath(paths["doc_idx"])), exist_ok=True)
             maps = build_index_maps(sizes, documents, num_samples, seq_length, seed)
-            for key, array in zip(("doc_idx", "sample_idx", "shuffle_idx"), maps):
+            for key, array in zip(MAP_KEYS, maps):
                 _save_atomic(paths[key], array)
+            print(f"index map {name}: cache miss, built {len(maps[2]):,} samples in "
+                  f"{time.time() - start:.1f}s, {stem}_*.npy", flush=True)
+    else:
+        hit = all(os.path.isfile(p) for p in paths.values())
     if distributed:
         torch.distributed.barrier()
-    return tuple(np.load(paths[key], mmap_mode="r", allow_pickle=False)
-                 for key in ("doc_idx", "sample_idx", "shuffle_idx"))
+    maps = []
+    for key in MAP_KEYS:
+        array, problem = _load_map(key, paths[key])
+        if problem:
+            raise DataError(f"{paths[key]}: unusable index map ({problem}); delete it and "
+                            f"restart to rebuild it (if only this node lacks it, the filesystem "
+                            f"is not shared: set use_shared_fs: false)")
+        maps.append(array)
+    return tuple(maps), hit
 
 
 class GPT2Dataset(torch.utils.data.Dataset):
-    """Item k -> {"text": int64[seq_length + 1]}, in NeoX's shuffled order."""
+    """Item k -> {"text": int64[seq_length + 1]}, in NeoX's shuffled order.
+
+    ``index_cache`` says whether the index maps came from the cache: {"hit": bool,
+    "paths": [doc_idx, sample_idx, shuffle_idx file]}.
+    """
 
     def __init__(self, name, data_prefix, documents, indexed_dataset, num_samples,
                  seq_length, seed, cache_dir=None, use_shared_fs=True):
         self.name = name
         self.indexed_dataset = indexed_dataset
-        self.doc_idx, self.sample_idx, self.shuffle_idx = load_or_build_index_maps(
+        (self.doc_idx, self.sample_idx, self.shuffle_idx), hit = load_or_build_index_maps(
             data_prefix, name, indexed_dataset.sizes, documents, num_samples, seq_length,
             seed, cache_dir, use_shared_fs)
+        paths = index_map_paths(data_prefix, name, num_samples, seq_length, seed, cache_dir)
+        self.index_cache = {"hit": hit, "paths": [paths[key] for key in MAP_KEYS]}
         # The cache name does not say which data it was built from: check the shapes.
         tokens = int(np.sum(indexed_dataset.sizes[documents], dtype=np.int64))
         epochs = num_epochs(tokens, seq_length, num_samples)
         if (len(self.doc_idx) != epochs * len(documents)
                 or len(self.sample_idx) != (epochs * tokens - 1) // seq_length + 1
                 or len(self.shuffle_idx) != len(self.sample_idx) - 1):
-            path = index_map_paths(data_prefix, name, num_samples, seq_length, seed,
-                                   cache_dir)["sample_idx"]
-            raise DataError(f"{path}: stale index map (built for other data); delete the "
-                            f"three {name} *_idx.npy files to rebuild them")
+            raise DataError(f"{paths['sample_idx']}: stale index map (built for other data); "
+                            f"delete the three {name} *_idx.npy files to rebuild them")
 
     def __len__(self) -> int:
         return len(self.shuffle_idx)

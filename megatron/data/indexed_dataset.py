@@ -14,9 +14,16 @@
 Files written here are byte-identical to the ones GPT-NeoX and Megatron-LM write, and
 any file they write can be read here. Opening only maps the files, so a 300B-token
 Pile opens instantly; items come back as numpy views into the map (no copy).
+
+Opening checks, in O(1), that the pair belongs together: the header is ours, the
+``.idx`` length is what its header says, and the ``.bin`` holds exactly the bytes the
+index points at. ``DatasetWriter`` writes a pair under temporary names and renames
+them only when both are complete, so a failed or interrupted run never leaves a new
+``.bin`` beside an old ``.idx``.
 """
 from __future__ import annotations
 
+import glob
 import os
 import struct
 
@@ -86,9 +93,12 @@ class MMapIndexedDataset:
         if head.startswith(OLD_MAGIC):
             raise DataError(f"{path}: old TNTIDX (cached/lazy) index format; re-run "
                             f"tools/datasets/preprocess_data.py to write the mmap format")
-        if len(head) < HEADER.size or not head.startswith(MAGIC):
+        if not head.startswith(MAGIC):
             raise DataError(f"{path}: not an MMIDIDX index file (bad magic {head[:9]!r}); "
                             f"point data_path at a prefix written by preprocess_data.py")
+        if len(head) < HEADER.size:
+            raise DataError(f"{path}: truncated ({idx_bytes} bytes, shorter than the "
+                            f"{HEADER.size}-byte header); re-copy or re-run preprocess_data.py")
         _, version, code, n, m = HEADER.unpack(head)
         if version != VERSION:
             raise DataError(f"{path}: unsupported MMIDIDX version {version} (only {VERSION}); "
@@ -110,11 +120,14 @@ class MMapIndexedDataset:
 
     def _map_tokens(self, path):
         bin_bytes = os.path.getsize(path)
-        # Checking the last item is O(1) and catches any truncation of the tail.
+        # The last item ends where the index says the tokens end; any other length means
+        # the .bin was cut short, appended to, or written by another run than the .idx.
         end = int(self.pointers[-1]) + int(self.sizes[-1]) * self.dtype.itemsize
-        if end > bin_bytes:
-            raise DataError(f"{path}: truncated ({bin_bytes} bytes, the index needs {end}); "
-                            f"re-copy or re-run preprocess_data.py")
+        if bin_bytes != end:
+            raise DataError(f"{path}: {bin_bytes} bytes but {index_file_path(self.prefix)} "
+                            f"says {end}; the two files are not one dataset (truncated copy or "
+                            f"an interrupted re-preprocessing): re-copy both or re-run "
+                            f"preprocess_data.py for {self.prefix}")
         if bin_bytes == 0:  # all items empty; np.memmap cannot map an empty file
             self._tokens = np.zeros(0, self.dtype)
         else:
@@ -126,9 +139,16 @@ class MMapIndexedDataset:
 
     def get(self, i: int, offset: int = 0, length: int | None = None) -> np.ndarray:
         """Tokens [offset, offset+length) of item i, as a view into the map."""
-        start = int(self.pointers[i]) // self.dtype.itemsize + offset
+        i, offset = int(i), int(offset)
+        if not 0 <= i < len(self.sizes):
+            raise IndexError(f"item {i} out of range for {len(self.sizes)} items in {self.prefix}")
+        size = int(self.sizes[i])
         if length is None:
-            length = int(self.sizes[i]) - offset
+            length = size - offset
+        if not (0 <= offset <= size and 0 <= length <= size - offset):
+            raise IndexError(f"tokens [{offset}, {offset + length}) out of range for item {i} "
+                             f"of {size} tokens in {self.prefix}")
+        start = int(self.pointers[i]) // self.dtype.itemsize + offset
         return self._tokens[start:start + length]
 
     def __getitem__(self, i):
@@ -137,11 +157,7 @@ class MMapIndexedDataset:
             if step != 1:
                 raise ValueError("MMapIndexedDataset slices must be contiguous (step 1)")
             return [self.get(j) for j in range(start, stop)]
-        if i < 0:
-            i += len(self)
-        if not 0 <= i < len(self):
-            raise IndexError(f"item {i} out of range for {len(self)} items in {self.prefix}")
-        return self.get(i)
+        return self.get(i + len(self) if i < 0 else i)
 
     def rows(self, start: int, stop: int) -> np.ndarray:
         """Items [start, stop) of equal length as one [stop-start, length] view (no copy)."""
@@ -178,7 +194,7 @@ class MMapIndexedDatasetBuilder:
         self.end_document()
 
     def finalize(self, idx_path: str) -> None:
-        self._bin.close()
+        _close_synced(self._bin)
         sizes = np.asarray(self._sizes, dtype=np.int32)
         pointers = np.zeros(len(sizes), dtype=np.int64)
         np.cumsum(sizes[:-1].astype(np.int64) * self.dtype.itemsize, out=pointers[1:])
@@ -188,3 +204,82 @@ class MMapIndexedDatasetBuilder:
             f.write(sizes.tobytes(order="C"))
             f.write(pointers.tobytes(order="C"))
             f.write(doc_idx.tobytes(order="C"))
+            _close_synced(f)
+
+    def close(self) -> None:
+        self._bin.close()
+
+
+def _close_synced(f) -> None:
+    # On disk before the rename makes it visible: a power cut must not publish zeros.
+    f.flush()
+    os.fsync(f.fileno())
+    f.close()
+
+
+TMP_MARK = ".tmp-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+class DatasetWriter:
+    """A builder for ``prefix.{bin,idx}`` that publishes both files or neither.
+
+    Items go to ``prefix.tmp-PID.bin``; ``commit()`` writes the index and renames the
+    pair into place, ``discard()`` (or leaving a ``with`` block by an exception)
+    removes the temporary files, so an existing dataset at ``prefix`` stays as it was.
+    Leftovers of a run killed with SIGKILL are removed by the next writer of the prefix.
+    """
+
+    def __init__(self, prefix: str, dtype):
+        self.prefix = prefix
+        self._sweep_dead_writers()
+        self._tmp = f"{prefix}{TMP_MARK}{os.getpid()}"
+        self.builder = MMapIndexedDatasetBuilder(data_file_path(self._tmp), dtype)
+        self._finalized = False
+
+    def _sweep_dead_writers(self) -> None:
+        for path in glob.glob(glob.escape(self.prefix + TMP_MARK) + "*"):
+            pid = path[len(self.prefix + TMP_MARK):].split(".")[0]
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                os.remove(path)
+
+    def finalize(self) -> None:
+        """Write the index (still under the temporary name)."""
+        self.builder.finalize(index_file_path(self._tmp))
+        self._finalized = True
+
+    def publish(self) -> None:
+        """Move the finished pair into place."""
+        if not self._finalized:
+            self.finalize()
+        idx, bin_ = index_file_path(self.prefix), data_file_path(self.prefix)
+        # Drop the old index first: a crash between the two renames then leaves a
+        # missing .idx (a clear error), never a new .bin read through an old .idx.
+        if os.path.exists(idx):
+            os.remove(idx)
+        os.replace(data_file_path(self._tmp), bin_)
+        os.replace(index_file_path(self._tmp), idx)
+
+    def discard(self) -> None:
+        self.builder.close()
+        for path in (data_file_path(self._tmp), index_file_path(self._tmp)):
+            if os.path.exists(path):
+                os.remove(path)
+
+    def __enter__(self) -> "DatasetWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.publish()
+        else:
+            self.discard()

@@ -15,9 +15,16 @@ from megatron.errors import DataError
 
 
 class PreshuffledDataset(torch.utils.data.Dataset):
+    """Rows [0, num_rows) of the file (all by default), row k being sample k.
+
+    ``rows_hint`` says where a smaller ``num_rows`` came from, for the error message.
+    """
+
     def __init__(self, indexed_dataset: MMapIndexedDataset, seq_length: int,
-                 num_samples: int | None = None):
+                 num_samples: int | None = None, num_rows: int | None = None,
+                 rows_hint: str = ""):
         self.indexed_dataset = indexed_dataset
+        self.num_rows = len(indexed_dataset) if num_rows is None else num_rows
         ds, width = indexed_dataset, seq_length + 1
         # O(1) check that every item is `width` tokens: the first and last are, and the
         # last starts exactly where N-1 full rows end.
@@ -26,15 +33,18 @@ class PreshuffledDataset(torch.utils.data.Dataset):
             raise DataError(f"{ds.prefix}: data_preshuffled needs items of seq_length+1 = "
                             f"{width} tokens (found {int(ds.sizes[0])}); set data_preshuffled: "
                             f"false for document-level data, or fix seq_length")
-        if num_samples is not None and num_samples > len(ds):
+        if num_samples is not None and num_samples > self.num_rows:
+            share = f" ({rows_hint}: raise it)" if self.num_rows < len(ds) else ""
             raise DataError(f"{ds.prefix}: {num_samples} samples needed (train_iters x "
-                            f"train_batch_size) but the pre-shuffled data has {len(ds)}; "
-                            f"lower train_iters")
+                            f"train_batch_size) but the pre-shuffled train data has "
+                            f"{self.num_rows} rows{share}; lower train_iters")
 
     def __len__(self) -> int:
-        return len(self.indexed_dataset)
+        return self.num_rows
 
     def __getitem__(self, k: int) -> dict:
+        if not 0 <= k < self.num_rows:
+            raise IndexError(f"row {k} out of range for {self.num_rows} train rows")
         return {"text": self.indexed_dataset[k].astype(np.int64)}
 
     def rows(self, start: int, stop: int) -> np.ndarray:

@@ -132,14 +132,50 @@ def test_build_index_maps_cli(tmp_path, capsys):
     sizes = [30, 0, 45, 12]
     write_docs(tmp_path / "c", [np.arange(n) for n in sizes])
     main(["--data-path", str(tmp_path / "c"), "--num-samples", "20", "--seq-length", "8",
-          "--seed", "3", "--cache-dir", str(tmp_path / "maps")])
-    paths = index_map_paths(str(tmp_path / "c"), "train_0", 20, 8, 3, str(tmp_path / "maps"))
+          "--seed", "3"])
+    paths = index_map_paths(str(tmp_path / "c"), "train_0", 20, 8, 3)
+    out = capsys.readouterr().out
+    assert all(path in out for path in paths.values())
     want = reference_maps(np.array(sizes), range(4), 20, 8, 3)
     for key, w in zip(("doc_idx", "sample_idx", "shuffle_idx"), want):
         assert np.array_equal(np.load(paths[key]), w)
     with pytest.raises(SystemExit) as e:
         main(["--data-path", str(tmp_path / "missing"), "--num-samples", "1"])
     assert e.value.code == 2 and "missing.idx: no such file" in capsys.readouterr().err
+
+
+def test_build_index_maps_split_name_matches_training(tmp_path, capsys):
+    """--name train builds the maps of the split's train documents, not a stale set."""
+    from tools.datasets.build_index_maps import main
+
+    write_docs(tmp_path / "c", [np.arange(20 + k) for k in range(40)])
+    main(["--data-path", str(tmp_path / "c"), "--num-samples", "30", "--seq-length", "8",
+          "--name", "train", "--split", "8,1,1"])
+    assert "train: built" in capsys.readouterr().out
+    ds = MMapIndexedDataset(str(tmp_path / "c"))
+    data = GPT2Dataset("train", str(tmp_path / "c"), np.arange(32, dtype=np.int32), ds, 30, 8, 1234)
+    assert data.index_cache["hit"]
+    assert set(np.asarray(data.doc_idx).tolist()) == set(range(32))
+
+
+def test_damaged_cached_maps_are_rebuilt(tmp_path, capsys):
+    ds = write_docs(tmp_path / "c", [np.arange(50)] * 4)
+    documents = np.arange(4, dtype=np.int32)
+    first = GPT2Dataset("train", str(tmp_path / "c"), documents, ds, 10, 16, 1)
+    assert not first.index_cache["hit"] and "cache miss" in capsys.readouterr().out
+    want = np.array(first.shuffle_idx)
+    paths = index_map_paths(str(tmp_path / "c"), "train", 10, 16, 1)
+    assert first.index_cache["paths"] == list(paths.values())
+    assert GPT2Dataset("train", str(tmp_path / "c"), documents, ds, 10, 16, 1).index_cache["hit"]
+    full = open(paths["shuffle_idx"], "rb").read()
+    for damage in (full[:len(full) - 4], b"garbage" * 20, b""):  # truncated, foreign, empty
+        open(paths["shuffle_idx"], "wb").write(damage)
+        again = GPT2Dataset("train", str(tmp_path / "c"), documents, ds, 10, 16, 1)
+        assert not again.index_cache["hit"] and np.array_equal(again.shuffle_idx, want)
+        assert "is unusable" in capsys.readouterr().out
+    np.save(paths["sample_idx"], np.zeros(5, np.float32))  # a valid .npy of the wrong kind
+    assert not GPT2Dataset("train", str(tmp_path / "c"), documents, ds, 10, 16, 1).index_cache["hit"]
+    assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
 
 
 def test_maps_built_for_other_data_are_stale(tmp_path):

@@ -1,13 +1,22 @@
-"""Tokenize jsonl documents into Megatron's mmap format: PREFIX_{key}_document.{bin,idx}.
+"""Tokenize text into Megatron's mmap format: PREFIX_{key}_document.{bin,idx}.
 
-    python tools/datasets/preprocess_data.py --input corpus.jsonl[,more.jsonl.gz] \\
+    python tools/datasets/preprocess_data.py --input corpus.jsonl.zst,notes.txt \\
         --output-prefix data/mycorpus --tokenizer-type HFTokenizer \\
         --vocab-file data/tokenizers/20B_tokenizer.json --append-eod --workers 2
 
-Each jsonl line is one document ({"text": ...}); it becomes one item of the dataset.
-Inputs may be plain, .gz or .zst (needs the `zstandard` package). A line that is not
-JSON or lacks a key is reported as file:line and stops the run (default), or is
-skipped and counted with --on-error skip. Nothing is dropped silently.
+Inputs (comma-separated), each optionally compressed as .gz or .zst (the Pile's
+format; needs `zstandard`):
+  *.jsonl / *.json  one document per line, {"text": ...}; --jsonl-keys picks the fields.
+  *.txt             one document per file, or per blank-line-separated paragraph with
+                    --txt-paragraphs. A book or an article is one document, as a jsonl
+                    line would hold it; paragraphs suit corpora of short texts.
+Input must be UTF-8: anything else stops the run naming the file and byte offset. A
+jsonl line that is not JSON or lacks a key is reported as file:line and stops the run
+(default), or is skipped and counted with --on-error skip. Nothing is dropped silently.
+
+The output appears only when the run succeeds: both files are written under temporary
+names and renamed at the end, so a failed or interrupted run leaves an existing dataset
+at the prefix as it was, and no partial files.
 """
 from __future__ import annotations
 
@@ -16,6 +25,8 @@ import gzip
 import io
 import json
 import multiprocessing
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -23,64 +34,129 @@ from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from megatron.data.indexed_dataset import (  # noqa: E402
-    MMapIndexedDatasetBuilder, best_token_dtype, data_file_path, index_file_path)
+from megatron.data.indexed_dataset import DatasetWriter, best_token_dtype  # noqa: E402
 from megatron.errors import DataError, cli_main  # noqa: E402
 from megatron.tokenizer import build_tokenizer  # noqa: E402
 
+COMPRESSIONS = (".gz", ".zst")
+JSONL, TXT = "jsonl", "txt"
 
-def open_text(path: str):
-    if not Path(path).is_file():
-        raise DataError(f"--input: {path} does not exist")
+
+def input_kind(path: str) -> str:
+    name = path
+    for suffix in COMPRESSIONS:
+        name = name.removesuffix(suffix)
+    if name.endswith((".jsonl", ".json")):
+        return JSONL
+    if name.endswith(".txt"):
+        return TXT
+    raise DataError(f"--input: {path}: unknown input type; name it .jsonl or .txt "
+                    f"(optionally .gz or .zst)")
+
+
+def _open_binary(path: str, raw):
+    """A binary line-iterable over the decompressed bytes of ``raw`` (an open file)."""
     if path.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
+        return gzip.GzipFile(fileobj=raw)
     if path.endswith(".zst"):
         try:
             import zstandard
         except ImportError:
             raise DataError(f"--input: {path} is zstd-compressed; `pip install zstandard` "
                             f"or decompress it first (zstd -d)") from None
-        raw = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"))
-        return io.TextIOWrapper(raw, encoding="utf-8")
-    return open(path, encoding="utf-8")
+        # Buffered, so that it can be read line by line; across frames, as zstd -d does.
+        return io.BufferedReader(
+            zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True))
+    return raw
 
 
-def read_lines(paths):
-    """(path, line number, text) for every non-blank line of every input."""
-    for path in paths:
-        with open_text(path) as f:
-            for lineno, line in enumerate(f, start=1):
-                if line.strip():
-                    yield path, lineno, line
+class InputReader:
+    """Yields (where, kind, text) per document of every input, decoding UTF-8 strictly.
+
+    ``position`` is how many bytes of the inputs (as stored, compressed or not) have
+    been read, for a progress bar whose total is ``total_bytes``.
+    """
+
+    def __init__(self, paths, txt_paragraphs: bool = False):
+        for path in paths:
+            if not Path(path).is_file():
+                raise DataError(f"--input: {path} does not exist")
+            input_kind(path)
+        self.paths, self.txt_paragraphs = list(paths), txt_paragraphs
+        self.total_bytes = sum(os.path.getsize(p) for p in self.paths)
+        self._finished_bytes, self._raw = 0, None
+
+    @property
+    def position(self) -> int:
+        current = self._raw.tell() if self._raw is not None and not self._raw.closed else 0
+        return self._finished_bytes + current
+
+    def __iter__(self):
+        for path in self.paths:
+            with open(path, "rb") as raw:
+                self._raw = raw
+                yield from self._documents(path, input_kind(path), _open_binary(path, raw))
+            self._finished_bytes += os.path.getsize(path)
+            self._raw = None
+
+    def _documents(self, path, kind, stream):
+        offset, parts, first_line = 0, [], 1
+        for lineno, line in enumerate(stream, start=1):
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}: not UTF-8 at byte offset {offset + e.start} (line "
+                                f"{lineno}{', decompressed' if path.endswith(COMPRESSIONS) else ''}); "
+                                f"convert it, e.g. iconv -f latin1 -t utf-8") from None
+            offset += len(line)
+            if kind == JSONL:
+                if text.strip():
+                    yield f"{path}:{lineno}", JSONL, text
+            elif self.txt_paragraphs and not text.strip():
+                if parts:
+                    yield f"{path}:{first_line}", TXT, "".join(parts)
+                parts = []
+            else:
+                if not parts:
+                    first_line = lineno
+                parts.append(text)
+        if parts:
+            yield (f"{path}:{first_line}" if self.txt_paragraphs else path), TXT, "".join(parts)
 
 
 class Encoder:
-    """Runs in each worker: jsonl line -> {key: token ids} or an error message."""
+    """Runs in each worker: a document -> {key: token ids} or an error message."""
 
-    def __init__(self, tokenizer_args, keys, append_eod):
+    def __init__(self, tokenizer_args, keys, append_eod, fix_text=False):
         self.tokenizer_args, self.keys, self.append_eod = tokenizer_args, keys, append_eod
+        self.fix_text = fix_text
 
     def start(self):
         self.tokenizer = build_tokenizer(self.tokenizer_args)
+        if self.fix_text:
+            import ftfy
+
+            self._fix = ftfy.fix_text
 
     def __call__(self, item):
-        path, lineno, line = item
-        where = f"{path}:{lineno}"
-        try:
-            doc = json.loads(line)
-        except json.JSONDecodeError as e:
-            return where, None, f"not valid JSON ({e.msg})"
-        if not isinstance(doc, dict):
-            return where, None, "not a JSON object"
+        where, kind, text = item
+        if kind == TXT:
+            doc = {"text": text}
+        else:
+            try:
+                doc = json.loads(text)
+            except json.JSONDecodeError as e:
+                return where, None, f"not valid JSON ({e.msg})"
+            if not isinstance(doc, dict):
+                return where, None, "not a JSON object"
         missing = [k for k in self.keys if not isinstance(doc.get(k), str)]
         if missing:
             return where, None, f"no string field {missing[0]!r}"
         ids = {}
         for key in self.keys:
-            ids[key] = self.tokenizer.tokenize(doc[key])
+            ids[key] = self.tokenizer.tokenize(self._fix(doc[key]) if self.fix_text else doc[key])
             if self.append_eod and ids[key]:
                 ids[key].append(self.tokenizer.eod)
         return where, ids, None
@@ -91,6 +167,9 @@ _encoder: Encoder | None = None
 
 def _worker_init(encoder):
     global _encoder
+    # The parent cleans up on Ctrl-C/SIGTERM and then terminates the workers.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _encoder = encoder
     _encoder.start()
 
@@ -99,29 +178,52 @@ def _worker_encode(item):
     return _encoder(item)
 
 
+def _check_options(inputs, keys, fix_text):
+    if any(input_kind(p) == TXT for p in inputs) and list(keys) != ["text"]:
+        raise DataError(f"--jsonl-keys {' '.join(keys)}: .txt inputs have only the 'text' "
+                        f"field; preprocess them separately without --jsonl-keys")
+    if fix_text:
+        try:
+            import ftfy  # noqa: F401
+        except ImportError:
+            raise DataError("--ftfy needs the ftfy package: pip install ftfy") from None
+
+
 def preprocess(inputs, output_prefix, tokenizer_args, keys=("text",), append_eod=False,
-               workers=1, on_error="stop", progress=True) -> dict:
+               workers=1, on_error="stop", progress=True, fix_text=False,
+               txt_paragraphs=False, log_interval=100, num_docs=None) -> dict:
     """Write one dataset per key; returns counts (documents, tokens, skipped, empty)."""
-    encoder = Encoder(tokenizer_args, list(keys), append_eod)
-    tokenizer = build_tokenizer(tokenizer_args)
-    dtype = best_token_dtype(tokenizer.vocab_size)
-    prefixes = {k: f"{output_prefix}_{k}_document" for k in keys}
+    _check_options(inputs, keys, fix_text)
+    reader = InputReader(inputs, txt_paragraphs)
+    encoder = Encoder(tokenizer_args, list(keys), append_eod, fix_text)
+    dtype = best_token_dtype(build_tokenizer(tokenizer_args).vocab_size)
     Path(output_prefix).parent.mkdir(parents=True, exist_ok=True)
-    builders = {k: MMapIndexedDatasetBuilder(data_file_path(p), dtype) for k, p in prefixes.items()}
+    writers = {}
     stats = {"documents": 0, "tokens": 0, "skipped": 0, "empty": 0}
-    first_skip = None
-    lines = read_lines(inputs)
-    if workers > 1:
-        pool = multiprocessing.Pool(workers, initializer=_worker_init, initargs=(encoder,))
-        results = pool.imap(_worker_encode, lines, chunksize=64)
-    else:
-        pool = None
-        encoder.start()
-        results = map(encoder, lines)
+    first_skip, pool, bar = None, None, None
     start = time.time()
-    bar = tqdm(results, unit=" docs", disable=not progress, mininterval=1.0)
     try:
-        for where, ids, error in bar:
+        for key in keys:
+            writers[key] = DatasetWriter(f"{output_prefix}_{key}_document", dtype)
+        if workers > 1:
+            pool = multiprocessing.Pool(workers, initializer=_worker_init, initargs=(encoder,))
+            results = pool.imap(_worker_encode, reader, chunksize=64)
+        else:
+            encoder.start()
+            results = map(encoder, reader)
+        if num_docs:  # NeoX's flag: count documents against a known total
+            bar = tqdm(total=num_docs, unit=" docs", disable=not progress, mininterval=1.0)
+        else:
+            bar = tqdm(total=reader.total_bytes, unit="B", unit_scale=True, unit_divisor=1024,
+                       disable=not progress, mininterval=1.0)
+        seen = 0
+        for where, ids, error in results:
+            seen += 1
+            if seen % log_interval == 0:
+                bar.update((seen if num_docs else reader.position) - bar.n)
+                seconds = max(time.time() - start, 1e-9)
+                bar.set_postfix(docs=f"{stats['documents']:,}",
+                                tok_per_s=f"{stats['tokens'] / seconds:,.0f}", refresh=False)
             if error:
                 if on_error == "stop":
                     raise DataError(f"{where}: {error}; fix the line or pass --on-error skip")
@@ -132,55 +234,95 @@ def preprocess(inputs, output_prefix, tokenizer_args, keys=("text",), append_eod
                 stats["empty"] += 1
                 continue
             for key, doc in ids.items():
-                builders[key].add_item(np.asarray(doc, dtype=dtype))
-                builders[key].end_document()
+                writers[key].builder.add_item(doc)
+                writers[key].builder.end_document()
                 stats["tokens"] += len(doc)
             stats["documents"] += 1
-            if stats["documents"] % 1000 == 0:
-                seconds = max(time.time() - start, 1e-9)
-                bar.set_postfix(tok_per_s=f"{stats['tokens'] / seconds:,.0f}")
+        bar.update((seen if num_docs else reader.total_bytes) - bar.n)
+        if stats["documents"] == 0:
+            raise DataError(f"--input: no documents in {', '.join(inputs)}; nothing to write")
+        for writer in writers.values():
+            writer.finalize()
+        for writer in writers.values():
+            writer.publish()
+    except BaseException:
+        for writer in writers.values():
+            writer.discard()
+        raise
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
         if pool is not None:
             pool.terminate()
-    if stats["documents"] == 0:
-        raise DataError(f"--input: no documents in {', '.join(inputs)}; nothing to write")
-    for key, builder in builders.items():
-        builder.finalize(index_file_path(prefixes[key]))
-    seconds = max(time.time() - start, 1e-9)
-    print(f"wrote {', '.join(prefixes.values())}: {stats['documents']:,} documents, "
-          f"{stats['tokens']:,} tokens ({dtype.__name__}) in {seconds:.1f}s = "
+    _report(writers, stats, dtype, time.time() - start, first_skip)
+    return stats
+
+
+def _report(writers, stats, dtype, seconds, first_skip):
+    seconds = max(seconds, 1e-9)
+    print(f"wrote {', '.join(w.prefix for w in writers.values())}: {stats['documents']:,} "
+          f"documents, {stats['tokens']:,} tokens ({dtype.__name__}) in {seconds:.1f}s = "
           f"{stats['documents'] / seconds:,.0f} docs/s, {stats['tokens'] / seconds:,.0f} tokens/s",
           file=sys.stderr)
     if stats["empty"]:
         print(f"skipped {stats['empty']} documents with no text", file=sys.stderr)
     if stats["skipped"]:
         print(f"skipped {stats['skipped']} bad lines (first: {first_skip})", file=sys.stderr)
-    return stats
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--input", required=True, help="comma-separated jsonl files (.gz/.zst ok)")
-    p.add_argument("--output-prefix", required=True)
-    p.add_argument("--jsonl-keys", nargs="+", default=["text"])
-    p.add_argument("--tokenizer-type", required=True,
-                   choices=["HFTokenizer", "GPT2BPETokenizer", "CharLevelTokenizer"])
-    p.add_argument("--vocab-file")
-    p.add_argument("--merge-file")
-    p.add_argument("--append-eod", action="store_true", help="end every document with EOD")
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--on-error", choices=["stop", "skip"], default="stop")
+    group = p.add_argument_group("input data")
+    group.add_argument("--input", required=True,
+                       help="comma-separated .jsonl/.txt files (.gz/.zst ok)")
+    group.add_argument("--jsonl-keys", nargs="+", default=["text"],
+                       help="jsonl fields to tokenize, one dataset each (default: text)")
+    group.add_argument("--txt-paragraphs", action="store_true",
+                       help=".txt inputs: one document per blank-line-separated paragraph "
+                       "(default: one per file)")
+    group.add_argument("--num-docs", type=int,
+                       help="number of documents, if known: the progress bar counts "
+                       "documents instead of input bytes")
+    group.add_argument("--on-error", choices=["stop", "skip"], default="stop",
+                       help="a bad jsonl line stops the run (default) or is skipped and counted")
+    group = p.add_argument_group("tokenizer")
+    group.add_argument("--tokenizer-type", required=True,
+                       choices=["HFTokenizer", "GPT2BPETokenizer", "CharLevelTokenizer"])
+    group.add_argument("--vocab-file")
+    group.add_argument("--merge-file")
+    group.add_argument("--append-eod", action="store_true", help="end every document with EOD")
+    group.add_argument("--ftfy", action="store_true",
+                       help="repair mojibake and odd Unicode with ftfy.fix_text before tokenizing")
+    group = p.add_argument_group("output data")
+    group.add_argument("--output-prefix", required=True)
+    group.add_argument("--dataset-impl", choices=["mmap", "lazy", "cached"], default="mmap",
+                       help="only mmap is written (the format training reads)")
+    group = p.add_argument_group("runtime")
+    group.add_argument("--workers", type=int, default=1, help="tokenizer processes")
+    group.add_argument("--log-interval", type=int, default=100,
+                       help="refresh the progress bar every this many documents")
     return p.parse_args(argv)
+
+
+def _exit_on_sigterm(signum, frame):
+    sys.exit(128 + signum)  # unwinds, so the temporary files are removed
 
 
 @cli_main
 def main(argv=None):
     args = parse_args(argv)
+    if args.dataset_impl != "mmap":
+        raise DataError(f"--dataset-impl {args.dataset_impl}: only mmap is supported (the "
+                        f"only format neox-l2e and current GPT-NeoX read); drop the flag")
+    if args.log_interval < 1 or args.workers < 1:
+        raise DataError("--log-interval and --workers must be at least 1")
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     tokenizer_args = SimpleNamespace(tokenizer_type=args.tokenizer_type,
                                      vocab_file=args.vocab_file, merge_file=args.merge_file)
     preprocess(args.input.split(","), args.output_prefix, tokenizer_args, args.jsonl_keys,
-               args.append_eod, args.workers, args.on_error)
+               args.append_eod, args.workers, args.on_error, fix_text=args.ftfy,
+               txt_paragraphs=args.txt_paragraphs, log_interval=args.log_interval,
+               num_docs=args.num_docs)
 
 
 if __name__ == "__main__":
