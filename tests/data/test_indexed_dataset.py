@@ -1,11 +1,14 @@
+import os
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
-from megatron.data.indexed_dataset import (DTYPES, MMapIndexedDataset, MMapIndexedDatasetBuilder,
-                                           best_token_dtype)
+from megatron.data.indexed_dataset import (DTYPES, DatasetWriter, MMapIndexedDataset,
+                                           MMapIndexedDatasetBuilder, best_token_dtype)
 from megatron.errors import DataError
 
 
@@ -97,3 +100,74 @@ def test_missing_and_empty(tmp_path):
     empty = write(tmp_path / "e", [], np.uint16)
     with pytest.raises(DataError, match="empty dataset"):
         MMapIndexedDataset(empty)
+
+
+def test_bin_of_another_size_is_rejected_naming_both_files(tmp_path):
+    prefix = write(tmp_path / "d", [[[1, 2, 3]], [[4, 5]]], np.uint16)
+    good = open(f"{prefix}.bin", "rb").read()
+    for damaged in (good[:-2], good + b"\0\0", b""):  # truncated, appended to, empty
+        open(f"{prefix}.bin", "wb").write(damaged)
+        with pytest.raises(DataError) as e:
+            MMapIndexedDataset(prefix)
+        message = str(e.value)
+        assert f"{prefix}.bin: {len(damaged)} bytes but {prefix}.idx says 10" in message
+        assert "re-run preprocess_data.py" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("damage, why", [
+    (lambda b: b"XXXXXXXXX" + b[9:], "bad magic"),
+    (lambda b: b"TNTIDX\0\0" + b[8:], "old TNTIDX"),
+    (lambda b: b[:9] + struct.pack("<Q", 2) + b[17:], "version 2"),
+    (lambda b: b[:17] + b"\x09" + b[18:], "unknown dtype code 9"),
+    (lambda b: b[:20], "truncated"),
+    (lambda b: b[:-8], "header .* implies"),
+    (lambda b: b"", "bad magic"),
+])
+def test_corrupt_or_foreign_index_is_named(tmp_path, damage, why):
+    prefix = write(tmp_path / "d", [[[1, 2, 3]], [[4, 5]]], np.uint16)
+    idx = open(f"{prefix}.idx", "rb").read()
+    open(f"{prefix}.idx", "wb").write(damage(idx))
+    with pytest.raises(DataError, match=f"{prefix}.idx: .*{why}"):
+        MMapIndexedDataset(prefix)
+
+
+def test_get_checks_bounds(tmp_path):
+    ds = MMapIndexedDataset(write(tmp_path / "d", [[[1, 2, 3]], [[4, 5]]], np.uint16))
+    assert list(ds.get(1, offset=2)) == [] and list(ds.get(0, 1, 2)) == [2, 3]
+    for i, offset, length in [(2, 0, None), (-1, 0, None), (0, 4, None), (0, -1, 1),
+                              (0, 1, 3), (0, 0, -1), (1, 0, 3)]:
+        with pytest.raises(IndexError, match="out of range"):
+            ds.get(i, offset, length)
+    with pytest.raises(IndexError):
+        ds[2]
+    assert list(ds[-1]) == [4, 5]
+
+
+def test_writer_publishes_both_files_or_neither(tmp_path):
+    prefix = write(tmp_path / "d", [[[1, 2, 3]]], np.uint16)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(RuntimeError):
+        with DatasetWriter(prefix, np.uint16) as writer:
+            writer.builder.add_item([7, 8, 9, 10])
+            writer.builder.end_document()
+            raise RuntimeError("failed mid-way")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    with DatasetWriter(prefix, np.int32) as writer:
+        writer.builder.add_item([7, 8, 9, 10])
+        writer.builder.end_document()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.bin", "d.idx"]
+    ds = MMapIndexedDataset(prefix)
+    assert ds.dtype == np.int32 and list(ds[0]) == [7, 8, 9, 10]
+
+
+def test_writer_sweeps_leftovers_of_killed_writers(tmp_path):
+    prefix = str(tmp_path / "d")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    for leftover in (f"d.tmp-{dead}.bin", f"d.tmp-{dead}.idx", f"d.tmp-{os.getppid()}.bin"):
+        (tmp_path / leftover).write_bytes(b"x")
+    with DatasetWriter(prefix, np.uint16) as writer:
+        writer.builder.add_item([1])
+        writer.builder.end_document()
+    # a dead writer's files go; a live process's (the parent's pid) stay
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.bin", "d.idx", f"d.tmp-{os.getppid()}.bin"]

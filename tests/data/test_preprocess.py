@@ -117,3 +117,146 @@ def test_gpt2_bpe_files_tokenize_like_the_same_bpe(tmp_path):
     with pytest.raises(TokenizerError, match="merge_file"):
         build_tokenizer(SimpleNamespace(tokenizer_type="GPT2BPETokenizer", vocab_file=vocab,
                                         merge_file=None))
+
+
+def austen_tok():
+    return build_tokenizer(hf(AUSTEN_BPE))
+
+
+def files_of(folder):
+    return {p.name: p.read_bytes() for p in Path(folder).iterdir()}
+
+
+@pytest.fixture
+def existing_dataset(tmp_path):
+    """A dataset at tmp_path/out/ds_text_document, and the bytes of that folder."""
+    jsonl = write_jsonl(tmp_path / "old.jsonl", [json.dumps({"text": t}) for t in TEXTS])
+    preprocess([jsonl], str(tmp_path / "out" / "ds"), hf(AUSTEN_BPE), progress=False)
+    return str(tmp_path / "out" / "ds"), files_of(tmp_path / "out")
+
+
+def many_docs(n):
+    return [json.dumps({"text": f"Chapter {i}. Emma Woodhouse, handsome, clever."}) for i in range(n)]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_failed_reprocessing_keeps_the_old_dataset(tmp_path, existing_dataset, workers):
+    prefix, before = existing_dataset
+    bad = write_jsonl(tmp_path / "new.jsonl", many_docs(300) + ["{broken"] + many_docs(300))
+    with pytest.raises(DataError, match="new.jsonl:301: not valid JSON"):
+        preprocess([bad], prefix, hf(AUSTEN_BPE), workers=workers, progress=False)
+    assert files_of(tmp_path / "out") == before  # byte-identical, no orphan files
+    latin1 = tmp_path / "new2.jsonl"
+    latin1.write_bytes("\n".join(many_docs(200) + ['{"text": "café"}']).encode("latin-1"))
+    with pytest.raises(DataError, match="not UTF-8"):
+        preprocess([str(latin1)], prefix, hf(AUSTEN_BPE), workers=workers, progress=False)
+    assert files_of(tmp_path / "out") == before
+
+
+@pytest.mark.parametrize("error", [RuntimeError("tokenizer crashed"), KeyboardInterrupt()])
+def test_interrupted_reprocessing_keeps_the_old_dataset(tmp_path, existing_dataset, monkeypatch,
+                                                         error):
+    from tools.datasets import preprocess_data
+
+    prefix, before = existing_dataset
+    good = write_jsonl(tmp_path / "new.jsonl", many_docs(500))
+    encode, calls = preprocess_data.Encoder.__call__, []
+
+    def fail_mid_stream(self, item):
+        calls.append(item)
+        if len(calls) == 250:
+            raise error
+        return encode(self, item)
+
+    monkeypatch.setattr(preprocess_data.Encoder, "__call__", fail_mid_stream)
+    with pytest.raises(type(error)):
+        preprocess([good], prefix, hf(AUSTEN_BPE), progress=False)
+    assert files_of(tmp_path / "out") == before
+    monkeypatch.setattr(preprocess_data.Encoder, "__call__", encode)
+    preprocess([good], prefix, hf(AUSTEN_BPE), progress=False)  # a good run replaces it
+    assert sorted(files_of(tmp_path / "out")) == sorted(before)
+    assert len(MMapIndexedDataset(f"{prefix}_text_document")) == 500
+
+
+def test_txt_file_and_paragraph_documents(tmp_path):
+    book = tmp_path / "book.txt"
+    book.write_text("Chapter 1\nIt is a truth.\n\n\nChapter 2\nEmma.\n", encoding="utf-8")
+    notes = tmp_path / "notes.txt.gz"
+    with gzip.open(notes, "wt", encoding="utf-8") as f:
+        f.write("One note.\n\nAnother note.")
+    tok = austen_tok()
+    preprocess([str(book), str(notes)], str(tmp_path / "files"), hf(AUSTEN_BPE), progress=False)
+    ds = MMapIndexedDataset(str(tmp_path / "files_text_document"))
+    assert [tok.detokenize(ds[i].tolist()) for i in range(len(ds))] == [
+        book.read_text(), "One note.\n\nAnother note."]
+    preprocess([str(book), str(notes)], str(tmp_path / "paras"), hf(AUSTEN_BPE),
+               txt_paragraphs=True, append_eod=True, progress=False)
+    ds = MMapIndexedDataset(str(tmp_path / "paras_text_document"))
+    assert [tok.detokenize(ds[i][:-1].tolist()) for i in range(len(ds))] == [
+        "Chapter 1\nIt is a truth.\n", "Chapter 2\nEmma.\n", "One note.\n", "Another note."]
+
+
+def test_jsonl_zst_and_ftfy(tmp_path):
+    zstandard = pytest.importorskip("zstandard")  # a requirement; skipped only in odd envs
+    pytest.importorskip("ftfy")
+    lines = [json.dumps({"text": t}) for t in ["The Mr. Knightley", "caf\u00c3\u00a9 au lait"]]
+    compressor = zstandard.ZstdCompressor()
+    frames = [compressor.compress((line + "\n").encode()) for line in lines]  # two frames
+    (tmp_path / "pile.jsonl.zst").write_bytes(b"".join(frames))
+    tok = austen_tok()
+    for fix, second in [(False, "caf\u00c3\u00a9 au lait"), (True, "café au lait")]:
+        preprocess([str(tmp_path / "pile.jsonl.zst")], str(tmp_path / f"o{fix}"), hf(AUSTEN_BPE),
+                   fix_text=fix, progress=False)
+        ds = MMapIndexedDataset(str(tmp_path / f"o{fix}_text_document"))
+        assert [tok.detokenize(ds[i].tolist()) for i in range(2)] == ["The Mr. Knightley", second]
+
+
+def test_neox_command_line_works(tmp_path, capsys):
+    jsonl = write_jsonl(tmp_path / "in.jsonl", many_docs(30))
+    main(["--input", jsonl, "--output-prefix", str(tmp_path / "neox"), "--vocab", AUSTEN_BPE,
+          "--dataset-impl", "mmap", "--tokenizer-type", "HFTokenizer", "--append-eod",
+          "--workers", "2", "--log-interval", "7", "--num-docs", "30", "--jsonl-keys", "text",
+          "--ftfy"])
+    assert "30 documents" in capsys.readouterr().err
+    ds = MMapIndexedDataset(str(tmp_path / "neox_text_document"))
+    assert len(ds) == 30 and ds[0][-1] == austen_tok().eod
+    with pytest.raises(SystemExit) as e:
+        main(["--input", jsonl, "--output-prefix", str(tmp_path / "o"), "--vocab", AUSTEN_BPE,
+              "--tokenizer-type", "HFTokenizer", "--dataset-impl", "lazy"])
+    assert e.value.code == 2 and "--dataset-impl lazy: only mmap" in capsys.readouterr().err
+
+
+def test_non_utf8_input_is_one_line_with_the_byte_offset(tmp_path, capsys):
+    head = (json.dumps({"text": "fine"}) + "\n").encode()
+    (tmp_path / "latin.jsonl").write_bytes(head + '{"text": "café"}\n'.encode("latin-1"))
+    (tmp_path / "latin.txt").write_bytes("Ça va\n".encode("cp1252"))
+    for name, offset, line in [("latin.jsonl", len(head) + 13, 2), ("latin.txt", 0, 1)]:
+        with pytest.raises(SystemExit) as e:
+            main(["--input", str(tmp_path / name), "--output-prefix", str(tmp_path / "o"),
+                  "--tokenizer-type", "HFTokenizer", "--vocab-file", AUSTEN_BPE])
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert e.value.code == 2 and len(errors) == 1 and "Traceback" not in err
+        assert f"{name}: not UTF-8 at byte offset {offset} (line {line})" in errors[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latin.jsonl", "latin.txt"]
+
+
+def test_sigterm_mid_run_keeps_the_old_dataset(tmp_path, existing_dataset):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    prefix, before = existing_dataset
+    big = write_jsonl(tmp_path / "big.jsonl", many_docs(100_000))
+    script = Path(__file__).resolve().parents[2] / "tools" / "datasets" / "preprocess_data.py"
+    proc = subprocess.Popen([sys.executable, str(script), "--input", big, "--output-prefix", prefix,
+                             "--tokenizer-type", "HFTokenizer", "--vocab-file", AUSTEN_BPE],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not any(".tmp-" in name for name in os.listdir(tmp_path / "out")):
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    assert files_of(tmp_path / "out") == before
