@@ -174,6 +174,30 @@ def test_build_preshuffled_train(tmp_path):
     assert valid is not None  # valid/test still come from the split, via index maps
 
 
+def test_preshuffled_split_never_shares_rows(tmp_path):
+    """data_path + split: train reads the first rows, valid/test only the later ones."""
+    prefix = write_rows(tmp_path / "document", [np.full(SEQ + 1, k) for k in range(40)])
+    args = config(data_path=prefix, data_preshuffled=True, split="6,3,1", train_iters=10)
+    train, valid, test = build_train_valid_test_datasets(args)
+    assert len(train) == 24  # rows [0, 24): the train share
+    train_rows = {int(r) for b in itertools.islice(make_data_iterator(train, args, 0, 1), 30)
+                  for r in b["text"][:, 0]}
+    valid_rows = {int(t) for k in range(len(valid)) for t in valid[k]["text"]}
+    test_rows = {int(t) for k in range(len(test)) for t in test[k]["text"]}
+    assert train_rows == set(range(24))  # wraps inside its share
+    assert valid_rows == set(range(24, 36)) and test_rows == set(range(36, 40))
+    with pytest.raises(DataError, match="has 24 rows \\(the train share of split '6,3,1': raise"):
+        build_train_valid_test_datasets(config(data_path=prefix, data_preshuffled=True,
+                                               split="6,3,1", train_iters=13))
+
+
+def test_preshuffled_train_file_as_valid_data_is_refused(tmp_path):
+    prefix = write_rows(tmp_path / "document", [np.full(SEQ + 1, k) for k in range(20)])
+    with pytest.raises(ConfigError, match="valid_data_paths: .* is also the pre-shuffled train"):
+        build_train_valid_test_datasets(config(train_data_paths=[prefix], data_preshuffled=True,
+                                               valid_data_paths=[str(tmp_path / "." / "document")]))
+
+
 def test_weights_by_num_documents():
     from megatron.data.data_utils import weights_by_num_docs
 
