@@ -226,7 +226,7 @@ def _pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # alive, someone else's
-        return True
+        pass
     return True
 
 
@@ -241,9 +241,14 @@ class DatasetWriter:
 
     def __init__(self, prefix: str, dtype):
         self.prefix = prefix
-        self._sweep_dead_writers()
         self._tmp = f"{prefix}{TMP_MARK}{os.getpid()}"
-        self.builder = MMapIndexedDatasetBuilder(data_file_path(self._tmp), dtype)
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+            self._sweep_dead_writers()
+            self.builder = MMapIndexedDatasetBuilder(data_file_path(self._tmp), dtype)
+        except OSError as e:
+            raise DataError(f"{prefix}: cannot write a dataset there ({e.strerror}); choose "
+                            f"a writable output prefix") from None
         self._finalized = False
 
     def _sweep_dead_writers(self) -> None:

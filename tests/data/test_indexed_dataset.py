@@ -171,3 +171,9 @@ def test_writer_sweeps_leftovers_of_killed_writers(tmp_path):
         writer.builder.end_document()
     # a dead writer's files go; a live process's (the parent's pid) stay
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.bin", "d.idx", f"d.tmp-{os.getppid()}.bin"]
+
+
+def test_writer_into_an_unwritable_place_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(DataError, match="file/sub/d: cannot write a dataset there .*writable"):
+        DatasetWriter(str(tmp_path / "file" / "sub" / "d"), np.uint16)

@@ -260,3 +260,18 @@ def test_sigterm_mid_run_keeps_the_old_dataset(tmp_path, existing_dataset):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 128 + signal.SIGTERM
     assert files_of(tmp_path / "out") == before
+
+
+def test_truncated_or_foreign_compressed_input_is_named(tmp_path):
+    import zstandard
+
+    text = "".join(json.dumps({"text": f"line {i}"}) + "\n" for i in range(3000)).encode()
+    packed = zstandard.ZstdCompressor().compress(text)
+    (tmp_path / "cut.jsonl.zst").write_bytes(packed[:-6])  # a download cut short
+    (tmp_path / "cut.jsonl.gz").write_bytes(gzip.compress(text)[:-40])
+    (tmp_path / "plain.jsonl.zst").write_bytes(text)  # not compressed at all
+    for name, why in [("cut.jsonl.zst", "truncated"), ("cut.jsonl.gz", "end-of-stream"),
+                      ("plain.jsonl.zst", "frame")]:
+        with pytest.raises(DataError, match=f"{name}: unreadable .*{why}.*zstd -t"):
+            preprocess([str(tmp_path / name)], str(tmp_path / "o"), hf(AUSTEN_BPE), progress=False)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("o")]

@@ -61,15 +61,54 @@ def _open_binary(path: str, raw):
     if path.endswith(".gz"):
         return gzip.GzipFile(fileobj=raw)
     if path.endswith(".zst"):
+        return io.BufferedReader(ZstdFrames(raw, path))
+    return raw
+
+
+class ZstdFrames(io.RawIOBase):
+    """Every frame of a .zst file, decompressed, as `zstd -d` reads it.
+
+    zstandard's own stream reader ends silently where a truncated download ends; this
+    one raises EOFError there, so a cut-off Pile shard is not taken for a complete one.
+    """
+
+    def __init__(self, raw, path: str):
         try:
             import zstandard
         except ImportError:
             raise DataError(f"--input: {path} is zstd-compressed; `pip install zstandard` "
                             f"or decompress it first (zstd -d)") from None
-        # Buffered, so that it can be read line by line; across frames, as zstd -d does.
-        return io.BufferedReader(
-            zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True))
-    return raw
+        self._raw, self._new_frame = raw, zstandard.ZstdDecompressor().decompressobj
+        self._zstd_error = zstandard.ZstdError
+        self._frame, self._frame_started, self._pending = self._new_frame(), False, b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self._pending:
+            compressed = self._raw.read(1 << 20)
+            if not compressed:
+                if self._frame_started and not self._frame.eof:
+                    raise EOFError("the file ends inside a zstd frame (truncated)")
+                return 0
+            self._pending = self._decompress(compressed)
+        n = min(len(buffer), len(self._pending))
+        buffer[:n], self._pending = self._pending[:n], self._pending[n:]
+        return n
+
+    def _decompress(self, compressed: bytes) -> bytes:
+        out = []
+        while compressed:
+            if self._frame.eof:  # the rest starts the next frame
+                self._frame = self._new_frame()
+            self._frame_started = True
+            try:
+                out.append(self._frame.decompress(compressed))
+            except self._zstd_error as e:
+                raise ValueError(str(e)) from None
+            compressed = self._frame.unused_data if self._frame.eof else b""
+        return b"".join(out)
 
 
 class InputReader:
@@ -97,7 +136,11 @@ class InputReader:
         for path in self.paths:
             with open(path, "rb") as raw:
                 self._raw = raw
-                yield from self._documents(path, input_kind(path), _open_binary(path, raw))
+                try:
+                    yield from self._documents(path, input_kind(path), _open_binary(path, raw))
+                except (OSError, EOFError, ValueError) as e:  # gzip, zstd and I/O errors
+                    raise DataError(f"{path}: unreadable ({e}); re-download or re-compress "
+                                    f"it (check with gzip -t / zstd -t)") from None
             self._finished_bytes += os.path.getsize(path)
             self._raw = None
 
@@ -197,7 +240,6 @@ def preprocess(inputs, output_prefix, tokenizer_args, keys=("text",), append_eod
     reader = InputReader(inputs, txt_paragraphs)
     encoder = Encoder(tokenizer_args, list(keys), append_eod, fix_text)
     dtype = best_token_dtype(build_tokenizer(tokenizer_args).vocab_size)
-    Path(output_prefix).parent.mkdir(parents=True, exist_ok=True)
     writers = {}
     stats = {"documents": 0, "tokens": 0, "skipped": 0, "empty": 0}
     first_skip, pool, bar = None, None, None

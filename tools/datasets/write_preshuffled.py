@@ -62,7 +62,6 @@ def write_preshuffled(args, output: str, samples: int | None = None,
     if not 0 < samples <= len(train):
         raise ConfigError(f"--num-samples {samples}: the train set has {len(train)} samples")
     dtype = _token_dtype(train)
-    Path(output).parent.mkdir(parents=True, exist_ok=True)
     with DatasetWriter(output, dtype) as writer:
         for k in tqdm(range(samples), unit=" rows", disable=not progress, mininterval=1.0):
             writer.builder.add_item(train[k]["text"].astype(dtype))
