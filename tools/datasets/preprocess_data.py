@@ -61,7 +61,7 @@ def _open_binary(path: str, raw):
     if path.endswith(".gz"):
         return gzip.GzipFile(fileobj=raw)
     if path.endswith(".zst"):
-        return io.BufferedReader(ZstdFrames(raw, path))
+        return io.BufferedReader(ZstdFrames(raw, path), buffer_size=1 << 20)
     return raw
 
 
@@ -80,21 +80,23 @@ class ZstdFrames(io.RawIOBase):
                             f"or decompress it first (zstd -d)") from None
         self._raw, self._new_frame = raw, zstandard.ZstdDecompressor().decompressobj
         self._zstd_error = zstandard.ZstdError
-        self._frame, self._frame_started, self._pending = self._new_frame(), False, b""
+        self._frame, self._frame_started = self._new_frame(), False
+        self._pending, self._taken = b"", 0  # decompressed bytes, and how many were read
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer) -> int:
-        while not self._pending:
+        while self._taken == len(self._pending):
             compressed = self._raw.read(1 << 20)
             if not compressed:
                 if self._frame_started and not self._frame.eof:
                     raise EOFError("the file ends inside a zstd frame (truncated)")
                 return 0
-            self._pending = self._decompress(compressed)
-        n = min(len(buffer), len(self._pending))
-        buffer[:n], self._pending = self._pending[:n], self._pending[n:]
+            self._pending, self._taken = self._decompress(compressed), 0
+        n = min(len(buffer), len(self._pending) - self._taken)
+        buffer[:n] = memoryview(self._pending)[self._taken:self._taken + n]
+        self._taken += n
         return n
 
     def _decompress(self, compressed: bytes) -> bytes:
@@ -150,9 +152,10 @@ class InputReader:
             try:
                 text = line.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise DataError(f"{path}: not UTF-8 at byte offset {offset + e.start} (line "
-                                f"{lineno}{', decompressed' if path.endswith(COMPRESSIONS) else ''}); "
-                                f"convert it, e.g. iconv -f latin1 -t utf-8") from None
+                of_text = " of the decompressed text" if path.endswith(COMPRESSIONS) else ""
+                raise DataError(f"{path}: not UTF-8 at byte offset {offset + e.start}{of_text} "
+                                f"(line {lineno}); convert it, e.g. iconv -f latin1 -t utf-8"
+                                ) from None
             offset += len(line)
             if kind == JSONL:
                 if text.strip():
