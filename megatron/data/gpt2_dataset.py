@@ -94,7 +94,8 @@ def index_map_paths(prefix: str, name: str, num_samples: int, seq_length: int, s
 
 
 MAP_KEYS = ("doc_idx", "sample_idx", "shuffle_idx")
-_MAP_DTYPES = {"doc_idx": (np.int32,), "sample_idx": (np.int32,), "shuffle_idx": (np.uint32, np.int64)}
+_MAP_DTYPES = {"doc_idx": (np.int32,), "sample_idx": (np.int32,),
+               "shuffle_idx": (np.uint32, np.int64)}
 
 
 def _save_atomic(path: str, array: np.ndarray) -> None:

@@ -43,8 +43,8 @@ def batches(args, dp_size=2):
     """Every micro-batch each data-parallel rank reads in the run, rank by rank."""
     train = build_train_valid_test_datasets(args)[0]
     count = args.train_iters * args.gradient_accumulation_steps
-    return [torch.cat([b["text"] for b in itertools.islice(make_data_iterator(train, args, rank, dp_size), count)])
-            for rank in range(dp_size)]
+    streams = [make_data_iterator(train, args, rank, dp_size) for rank in range(dp_size)]
+    return [torch.cat([b["text"] for b in itertools.islice(stream, count)]) for stream in streams]
 
 
 def test_build_index_maps_config_caches_are_hits_at_train_time(tmp_path, capsys):
@@ -123,7 +123,8 @@ def test_training_on_the_written_file_reproduces_the_losses(tmp_path):
               "vocab_file": str(ROOT / "data" / "tokenizers" / "austen_bpe4k.json")}
     maps = {**common, "data_path": austen, "split": "949,50,1"}
     config = tmp_path / "run.yml"
-    config.write_text(yaml.safe_dump({**yaml.safe_load(open(ROOT / "configs/local/tiny.yml")), **maps}))
+    tiny = yaml.safe_load(open(ROOT / "configs" / "local" / "tiny.yml"))
+    config.write_text(yaml.safe_dump({**tiny, **maps}))
     main(["--config", str(config), "--world-size", "1", "--output", str(tmp_path / "document")])
     pre = {**common, "data_path": None, "train_data_paths": [str(tmp_path / "document")],
            "data_preshuffled": True}

@@ -174,7 +174,8 @@ def test_damaged_cached_maps_are_rebuilt(tmp_path, capsys):
         assert not again.index_cache["hit"] and np.array_equal(again.shuffle_idx, want)
         assert "is unusable" in capsys.readouterr().out
     np.save(paths["sample_idx"], np.zeros(5, np.float32))  # a valid .npy of the wrong kind
-    assert not GPT2Dataset("train", str(tmp_path / "c"), documents, ds, 10, 16, 1).index_cache["hit"]
+    rebuilt = GPT2Dataset("train", str(tmp_path / "c"), documents, ds, 10, 16, 1)
+    assert not rebuilt.index_cache["hit"]
     assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
 
 

@@ -170,7 +170,8 @@ def test_writer_sweeps_leftovers_of_killed_writers(tmp_path):
         writer.builder.add_item([1])
         writer.builder.end_document()
     # a dead writer's files go; a live process's (the parent's pid) stay
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.bin", "d.idx", f"d.tmp-{os.getppid()}.bin"]
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == ["d.bin", "d.idx", f"d.tmp-{os.getppid()}.bin"]
 
 
 def test_writer_into_an_unwritable_place_is_one_line(tmp_path):
