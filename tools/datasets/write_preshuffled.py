@@ -39,7 +39,7 @@ def paths_args(paths, weights, samples: int, seq_length: int, seed: int):
     return SimpleNamespace(
         train_data_paths=list(paths), train_data_weights=weights, valid_data_paths=None,
         test_data_paths=None, valid_data_weights=None, test_data_weights=None,
-        data_path=None, split="969,30,1", data_impl="mmap", data_preshuffled=False,
+        data_path=None, data_impl="mmap", data_preshuffled=False,
         weight_by_num_documents=False, seq_length=seq_length, seed=seed,
         train_iters=samples, train_batch_size=1, eval_interval=None, eval_iters=0,
         use_shared_fs=True)
