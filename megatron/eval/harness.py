@@ -7,23 +7,31 @@ import os
 import torch
 import torch.distributed as dist
 
-from megatron.errors import UserError
+from megatron.errors import DataError, UserError
+
+# eval.py's default: stderr for every metric. Means (acc, exact_match) have a closed form;
+# only perplexity/median/F1/BLEU-like metrics are resampled, serially (see evaluate_tasks),
+# which takes seconds at 1000 draws where lm-eval's 100000 takes minutes.
+DEFAULT_BOOTSTRAP_ITERS = 1000
+OFFLINE_RECIPE = "docs/eval.md, 'Offline evaluation'"
 
 
 def module_logits_fn(model: torch.nn.Module, tp_group=None):
     """``tokens -> full-vocab fp32 logits`` for a (possibly tensor-parallel) model.
 
     With tensor parallelism the head's output is a vocab shard; the shards are
-    gathered so every rank sees the whole distribution.
+    gathered so every rank sees the whole distribution. ``cache`` (a KVCache) is passed
+    to the model for incremental decoding (generate.py).
     """
 
     @torch.no_grad()
-    def logits_fn(tokens: torch.Tensor) -> torch.Tensor:
+    def logits_fn(tokens: torch.Tensor, cache=None) -> torch.Tensor:
         was_training = model.training
         model.eval()
         try:
             device = next(model.parameters()).device
-            logits = model(tokens.to(device)).float()
+            tokens = tokens.to(device)
+            logits = (model(tokens) if cache is None else model(tokens, cache=cache)).float()
         finally:
             model.train(was_training)
         if tp_group is not None and dist.get_world_size(tp_group) > 1:
@@ -87,12 +95,45 @@ def evaluate_tasks(logits_fn, tokenizer, tasks, *, max_length: int, num_fewshot:
                         "see `lm_eval --tasks list` or pass --include_path for local tasks")
     lm = NeoXEvalLM(logits_fn, tokenizer, max_length=max_length, batch_size=batch_size)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    with _as_local_rank_0():
-        out = simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
-                              task_manager=manager, bootstrap_iters=bootstrap_iters,
-                              log_samples=log_samples, random_seed=seed, numpy_random_seed=seed,
-                              torch_random_seed=seed, fewshot_random_seed=seed)
+    # lm-eval's bootstrap otherwise forks a pool of cpu_count() workers from this rank,
+    # which holds the model (and maybe CUDA and a process group).
+    os.environ.setdefault("DISABLE_MULTIPROC", "1")
+    try:
+        with _as_local_rank_0():
+            out = simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
+                                  task_manager=manager, bootstrap_iters=bootstrap_iters,
+                                  log_samples=log_samples, random_seed=seed, numpy_random_seed=seed,
+                                  torch_random_seed=seed, fewshot_random_seed=seed)
+    except OSError as e:  # ConnectionError, a missing data file, an unreachable Hub
+        raise _data_error(tasks, manager, e) from e
     return {k: out[k] for k in ("results", "versions", "n-shot", "configs", "samples") if k in out}
+
+
+def _is_offline_error(e: BaseException) -> bool:
+    text = f"{type(e).__name__} {e}".lower()
+    return isinstance(e, ConnectionError) or any(
+        word in text for word in ("offline", "couldn't reach", "connection", "timed out", "resolve"))
+
+
+def _data_error(tasks, manager, error: OSError) -> DataError:
+    """A one-line error naming the task whose data could not be loaded. lm-eval loads every
+    task's dataset inside simple_evaluate without saying which failed, so the tasks are
+    tried one at a time (only on this error path)."""
+    culprit = tasks[0] if len(tasks) == 1 else None
+    for task in tasks if culprit is None else ():
+        try:
+            manager.load_task_or_group([task])
+        except OSError as e:
+            culprit, error = task, e
+            break
+    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    name = f"task '{culprit}'" if culprit else f"tasks {tasks}"
+    if _is_offline_error(error):
+        return DataError(f"eval: {name} cannot load its dataset without network ({first_line}); "
+                         f"download it into an HF cache on a machine with internet and set HF_HOME "
+                         f"and HF_DATASETS_OFFLINE=1 here ({OFFLINE_RECIPE})")
+    return DataError(f"eval: {name} cannot load its dataset ({first_line}); check the task's "
+                     f"dataset_path/data_files ({OFFLINE_RECIPE})")
 
 
 def flatten_results(results: dict, prefix: str = "eval") -> dict[str, float]:

@@ -1,0 +1,107 @@
+"""eval.py as a user runs it: our local Austen tasks (configs/eval_tasks), results named
+after run, step and tasks, stderr by default, deepy's --include_path, and a Hub task
+without network failing in one line."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+TASKS_DIR = ROOT / "configs" / "eval_tasks"
+TOKENIZER = ROOT / "data" / "tokenizers" / "austen_bpe4k.json"
+STEP = 7
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """runs/austen/checkpoints/global_step7: a random tiny model whose saved config names
+    the Austen tokenizer, and a run config (model keys + load) for deepy."""
+    from megatron.checkpoint_format import neox_model_yaml, save_neox_checkpoint
+    from megatron.model import GPTNeoX, ModelConfig, init_weights
+
+    root = tmp_path_factory.mktemp("runs") / "austen"
+    cfg = ModelConfig(vocab_size=4096, hidden_size=32, num_layers=2, num_heads=4,
+                      max_position_embeddings=64, rotary_pct=0.25, init_std=0.3)
+    model = GPTNeoX(cfg)
+    init_weights(model, cfg, generator=torch.Generator().manual_seed(0))
+    model_yaml = neox_model_yaml(cfg, pp=0, tokenizer_type="HFTokenizer", vocab_file=str(TOKENIZER))
+    checkpoints = root / "checkpoints"
+    save_neox_checkpoint(checkpoints, model.state_dict(), cfg, STEP, layout="sequential",
+                         config_files={"model.yml": model_yaml})
+    (root / "run.yml").write_text(model_yaml + f"load: {checkpoints}\n")
+    return root
+
+
+def _eval_main():
+    spec = importlib.util.spec_from_file_location("eval_cli", ROOT / "eval.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def test_local_tasks_through_deepy_with_include_path(run_dir, tmp_path):
+    """All three example tasks; the file name carries the run, the checkpoint's step and
+    the tasks; stderr is reported for a mean (acc) and a bootstrapped (perplexity) metric."""
+    tasks = ["austen_mc", "austen_last_word", "austen_completion"]
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "deepy.py"), str(ROOT / "eval.py"), str(run_dir / "run.yml"),
+         "--include_path", str(TASKS_DIR), "--eval_tasks", *tasks],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "eval_results" / f"austen_iter{STEP}_{'-'.join(tasks)}.json"
+    assert out.is_file(), list((tmp_path / "eval_results").iterdir())
+    results = json.loads(out.read_text())
+    assert results["iteration"] == STEP
+    mc, last, gen = (results["results"][t] for t in tasks)
+    assert 0 <= mc["acc,none"] <= 1 and mc["acc_stderr,none"] > 0
+    assert last["perplexity,none"] > 1 and last["perplexity_stderr,none"] > 0
+    assert 0 <= gen["exact_match,none"] <= 1
+    assert "±" in proc.stdout  # the console line shows the stderr too
+
+
+def test_results_are_never_overwritten_and_tokenizer_flag(run_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    main = _eval_main()
+    argv = ["--checkpoint", str(run_dir / "checkpoints"), "--tokenizer", str(TOKENIZER),
+            "--eval_tasks", "austen_mc", "--include_path", str(TASKS_DIR), "--limit", "2"]
+    main(argv)
+    main(argv)
+    first = tmp_path / "eval_results" / f"austen_iter{STEP}_austen_mc.json"
+    second = first.with_name(f"austen_iter{STEP}_austen_mc.1.json")
+    assert first.is_file() and second.is_file()
+    assert json.loads(first.read_text())["results"] == json.loads(second.read_text())["results"]
+
+
+def test_missing_tokenizer_names_the_flag(tmp_path):
+    from megatron.errors import TokenizerError
+    from megatron.eval.loading import pick_tokenizer
+
+    with pytest.raises(TokenizerError, match="--tokenizer"):
+        pick_tokenizer(None, tmp_path, tokenizer_path=tmp_path / "nope.json")
+
+
+def test_hub_task_offline_is_a_one_line_error(run_dir, tmp_path, monkeypatch, capsys):
+    """A task whose dataset is on the Hub (sciq's), with an empty cache and no network."""
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "hub_sciq.yaml").write_text(
+        (TASKS_DIR / "austen_mc.yaml").read_text()
+        .replace("task: austen_mc", "task: hub_sciq")
+        .replace("custom_dataset: !function austen.load", "dataset_path: allenai/sciq")
+        .replace("dataset_kwargs: {file: austen_mc.jsonl}", ""))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        _eval_main()(["--checkpoint", str(run_dir / "checkpoints"), "--eval_tasks", "hub_sciq",
+                      "--include_path", str(tasks)])
+    assert exit_info.value.code == 2
+    error = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "task 'hub_sciq'" in error[0] and "docs/eval.md" in error[0], error
+    assert "HF_HOME" in error[0]
