@@ -44,6 +44,7 @@ def _eval_main():
     return module.main
 
 
+@pytest.mark.slow
 def test_local_tasks_through_deepy_with_include_path(run_dir, tmp_path):
     """All three example tasks; the file name carries the run, the checkpoint's step and
     the tasks; stderr is reported for a mean (acc) and a bootstrapped (perplexity) metric."""

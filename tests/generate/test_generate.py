@@ -123,6 +123,7 @@ def test_kv_cache_and_recompute_sample_the_same_tokens(checkpoints):
     assert len({r["text"] for r in outputs[0]}) == 3 and all(r["context"] == "" for r in outputs[0])
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_tensor_parallel_generation_equals_one_process(checkpoints):
     """`deepy.py generate.py` on 2 CPU ranks (model_parallel_size 2, the checkpoint's
