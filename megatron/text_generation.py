@@ -44,16 +44,15 @@ class Sampling:
 
     @classmethod
     def from_args(cls, args) -> "Sampling":
-        where = "config"
-        if args.temperature < 0:
-            raise ConfigError(f"{where}: temperature={args.temperature} must be >= 0 (0: greedy)")
-        if args.top_k < 0:
-            raise ConfigError(f"{where}: top_k={args.top_k} must be >= 0 (0: off)")
-        if not 0.0 <= args.top_p <= 1.0:
-            raise ConfigError(f"{where}: top_p={args.top_p} must be in [0, 1] (0: off)")
-        if args.maximum_tokens < 1 or args.num_samples < 1:
-            raise ConfigError(f"{where}: maximum_tokens={args.maximum_tokens} and num_samples="
-                              f"{args.num_samples} must be >= 1")
+        def check(ok: bool, key: str, rule: str):
+            if not ok:
+                raise ConfigError(f"{args._where(key)}: {key}={getattr(args, key)!r} {rule}")
+
+        check(args.temperature >= 0, "temperature", "must be >= 0 (0 with top_k 0, top_p 0: greedy)")
+        check(args.top_k >= 0, "top_k", "must be >= 0 (0: off)")
+        check(0.0 <= args.top_p <= 1.0, "top_p", "must be in [0, 1] (0: off)")
+        check(args.maximum_tokens >= 1, "maximum_tokens", "must be >= 1")
+        check(args.num_samples >= 1, "num_samples", "must be >= 1")
         return cls(args.temperature, args.top_k, args.top_p)
 
 

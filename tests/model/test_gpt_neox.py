@@ -185,6 +185,22 @@ def test_cuda_bf16_flash_close_to_fp32_hf():
     assert (out.float() - ref).abs().max() < 0.1 * ref.abs().max()
 
 
+@pytest.mark.gpu
+def test_cuda_bf16_kv_cache_close_to_full_forward():
+    """generate.py's GPU path: bf16, flash requested (used for the prompt, SDPA with a
+    mask for the cached steps)."""
+    model = ours_from_hf(random_hf_model())
+    model.blocks.apply(lambda m: setattr(m, "use_flash", True) if hasattr(m, "use_flash") else None)
+    model = model.to("cuda", torch.bfloat16)
+    ids = torch.randint(0, 128, (1, 40), device="cuda")
+    cache = KVCache()
+    with torch.no_grad():
+        full = model(ids).float()
+        steps = [model(ids[:, :32], cache=cache)] + [model(ids[:, i : i + 1], cache=cache) for i in range(32, 40)]
+    stepped = torch.cat(steps, dim=1).float()
+    assert (stepped - full).abs().max() < 0.05 * full.abs().max()
+
+
 def test_trains_after_inference_mode_forward():
     """The shared rotary tables must not become inference tensors on first use."""
     model = GPTNeoX(ModelConfig(**{**TINY, "max_position_embeddings": 77}, rotary_pct=0.5))  # a fresh table
