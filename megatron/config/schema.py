@@ -229,7 +229,8 @@ class GenerationArgs:
 
     text_gen_type: Literal["unconditional", "input-file", "interactive"] = arg(
         "unconditional", "generate.py mode: num_samples samples from an empty context, one "
-        "completion per prompt of sample_input_file, or prompts typed at the terminal.")
+        "completion per prompt of sample_input_file, or prompts typed at the terminal "
+        "(NeoX has no default; generate.py would fail without one).")
     sample_input_file: Optional[str] = arg(None, "Prompts for input-file mode, separated by "
                                                  "prompt_end.")
     sample_output_file: Optional[str] = arg(
@@ -245,7 +246,8 @@ class GenerationArgs:
     top_p: float = arg(0.0, "Nucleus sampling: the smallest set with this probability "
                             "(0: off).")
     recompute: bool = arg(False, "Recompute the whole sequence for each new token instead of "
-                                 "using the KV cache (a pipeline-parallel model always does).")
+                                 "using the KV cache (several ranks with pipe_parallel_size "
+                                 ">= 1 always do).")
 
 
 @dataclass
