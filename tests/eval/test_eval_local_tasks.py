@@ -88,21 +88,21 @@ def test_missing_tokenizer_names_the_flag(tmp_path):
 
 
 def test_hub_task_offline_is_a_one_line_error(run_dir, tmp_path, monkeypatch, capsys):
-    """A task whose dataset is on the Hub (sciq's), with an empty cache and no network."""
+    """A task whose dataset is on the Hub, not in the cache, and no network (the test
+    session runs with HF_DATASETS_OFFLINE=1, as an offline cluster node should)."""
     tasks = tmp_path / "tasks"
     tasks.mkdir()
-    (tasks / "hub_sciq.yaml").write_text(
+    (tasks / "hub_task.yaml").write_text(
         (TASKS_DIR / "austen_mc.yaml").read_text()
-        .replace("task: austen_mc", "task: hub_sciq")
-        .replace("custom_dataset: !function austen.load", "dataset_path: allenai/sciq")
+        .replace("task: austen_mc", "task: hub_task")
+        .replace("custom_dataset: !function austen.load", "dataset_path: neox-l2e-tests/not-cached")
         .replace("dataset_kwargs: {file: austen_mc.jsonl}", ""))
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
-        _eval_main()(["--checkpoint", str(run_dir / "checkpoints"), "--eval_tasks", "hub_sciq",
+        _eval_main()(["--checkpoint", str(run_dir / "checkpoints"), "--eval_tasks", "hub_task",
                       "--include_path", str(tasks)])
     assert exit_info.value.code == 2
     error = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert len(error) == 1 and "task 'hub_sciq'" in error[0] and "docs/eval.md" in error[0], error
-    assert "HF_HOME" in error[0]
+    assert len(error) == 1, error
+    assert "task 'hub_task'" in error[0] and "without network" in error[0]
+    assert "HF_HOME" in error[0] and "docs/eval.md" in error[0]
