@@ -63,13 +63,10 @@ def main(argv=None):
         args.set_vocab_size(tokenizer.vocab_size)
         logits_fn, groups = load_parallel_model(args, str(checkpoint), args.iteration)
         max_positions, is_writer = args.max_position_embeddings, groups.rank == 0
-        cache_works = args.pipe_parallel_size == 0  # a DeepSpeed pipeline passes whole sequences
     else:
         logits_fn, max_positions = single_process_logits_fn(args, checkpoint)
-        is_writer, cache_works = True, True
-    generator = Generator(logits_fn, tokenizer, args, max_positions=max_positions,
-                          use_cache=cache_works and not args.recompute)
-    run(generator, args, is_writer=is_writer)
+        is_writer = True
+    run(Generator(logits_fn, tokenizer, args, max_positions=max_positions), args, is_writer=is_writer)
 
 
 if __name__ == "__main__":

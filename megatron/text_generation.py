@@ -13,9 +13,9 @@ sampled with a generator seeded by ``seed``, so every rank draws the same token.
 
 ``logits_fn(tokens [1, s]) -> full-vocab logits [1, s, V]`` is the model: one process's
 GPTNeoX or the collective function of a tensor/pipeline-parallel one
-(megatron.eval.parallel). With ``cache`` (a KVCache, the default) each step feeds only
-the new token; ``recompute: true``, and pipelines of several stages, feed the whole
-sequence every step instead.
+(megatron.eval.parallel). When it takes a KV cache (``logits_fn.takes_cache``: a
+GPTNeoX, tensor-parallel or not) each step feeds only the new token; ``recompute: true``
+and DeepSpeed pipelines feed the whole sequence every step instead.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from megatron.errors import ConfigError, DataError
 from megatron.model import KVCache
 
 
-@dataclass
+@dataclass(frozen=True)
 class Sampling:
     temperature: float = 0.0
     top_k: int = 0
@@ -75,14 +75,17 @@ def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Genera
 
 
 def generate_tokens(logits_fn, prompt: list[int], *, max_new_tokens: int, eod: int,
-                    max_positions: int, vocab_size: int, sampling: Sampling,
-                    generator: torch.Generator, use_cache: bool = True) -> tuple[list[int], bool]:
+                    max_positions: int, vocab_size: int | None = None,
+                    sampling: Sampling = Sampling(), generator: torch.Generator | None = None,
+                    use_cache: bool = True, stop=None) -> tuple[list[int], bool]:
     """(new tokens, finished): decode after ``prompt`` until end-of-document (not included,
-    finished=True), ``max_new_tokens`` or ``max_positions`` tokens in all.
+    finished=True), ``stop(new_tokens)`` is true (finished=True), ``max_new_tokens``, or
+    ``max_positions`` tokens in all.
 
-    Padded vocabulary rows (ids >= ``vocab_size``) are never chosen.
+    Padded vocabulary rows (ids >= ``vocab_size``) are never chosen. The KV cache is used
+    when ``use_cache`` and the logits function takes one (``logits_fn.takes_cache``).
     """
-    cache = KVCache() if use_cache else None
+    cache = KVCache() if use_cache and getattr(logits_fn, "takes_cache", False) else None
     tokens, new = list(prompt), []
     feed = tokens
     while len(new) < max_new_tokens and len(tokens) < max_positions:
@@ -93,6 +96,8 @@ def generate_tokens(logits_fn, prompt: list[int], *, max_new_tokens: int, eod: i
             return new, True
         new.append(token)
         tokens.append(token)
+        if stop is not None and stop(new):
+            return new, True
         feed = [token] if cache is not None else tokens
     return new, False
 
@@ -100,9 +105,9 @@ def generate_tokens(logits_fn, prompt: list[int], *, max_new_tokens: int, eod: i
 class Generator:
     """Completions of text prompts under the run's generation keys (every rank calls it)."""
 
-    def __init__(self, logits_fn, tokenizer, args, *, max_positions: int, use_cache: bool):
+    def __init__(self, logits_fn, tokenizer, args, *, max_positions: int):
         self.logits_fn, self.tokenizer = logits_fn, tokenizer
-        self.max_positions, self.use_cache = max_positions, use_cache
+        self.max_positions, self.use_cache = max_positions, not args.recompute
         self.max_new_tokens = args.maximum_tokens
         self.sampling = Sampling.from_args(args)
         self.generator = torch.Generator().manual_seed(args.seed)

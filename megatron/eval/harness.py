@@ -20,9 +20,10 @@ def module_logits_fn(model: torch.nn.Module, tp_group=None):
     """``tokens -> full-vocab fp32 logits`` for a (possibly tensor-parallel) model.
 
     With tensor parallelism the head's output is a vocab shard; the shards are
-    gathered so every rank sees the whole distribution. ``cache`` (a KVCache) is passed
-    to the model for incremental decoding (generate.py).
+    gathered so every rank sees the whole distribution. For a GPTNeoX, ``cache`` (a
+    KVCache) is passed on for incremental decoding and ``logits_fn.takes_cache`` is True.
     """
+    from megatron.model import GPTNeoX
 
     @torch.no_grad()
     def logits_fn(tokens: torch.Tensor, cache=None) -> torch.Tensor:
@@ -40,6 +41,7 @@ def module_logits_fn(model: torch.nn.Module, tp_group=None):
             logits = torch.cat(shards, dim=-1)
         return logits.cpu()
 
+    logits_fn.takes_cache = isinstance(model, GPTNeoX)  # not a DeepSpeed PipelineModule
     return logits_fn
 
 

@@ -114,8 +114,8 @@ def test_kv_cache_and_recompute_sample_the_same_tokens(checkpoints):
             checkpoints, "uncond.yml", text_gen_type="unconditional", num_samples=3,
             temperature=0.9, top_k=50, top_p=0.95, recompute=recompute,
             sample_output_file=str(output)))])
-        generator = Generator(module_logits_fn(model), build_tokenizer(args), args,
-                              max_positions=128, use_cache=not args.recompute)
+        generator = Generator(module_logits_fn(model), build_tokenizer(args), args, max_positions=128)
+        assert generator.use_cache == (not recompute)
         records = run(generator, args, is_writer=True)
         assert without_timing(read_records(output)) == without_timing(records)
         outputs.append(without_timing(records))
