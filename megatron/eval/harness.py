@@ -106,35 +106,36 @@ def evaluate_tasks(logits_fn, tokenizer, tasks, *, max_length: int, num_fewshot:
                                   task_manager=manager, bootstrap_iters=bootstrap_iters,
                                   log_samples=log_samples, random_seed=seed, numpy_random_seed=seed,
                                   torch_random_seed=seed, fewshot_random_seed=seed)
-    except OSError as e:  # ConnectionError, a missing data file, an unreachable Hub
-        raise _data_error(tasks, manager, e) from e
+    except OSError:  # ConnectionError, a missing data file, an unreachable Hub, ...
+        failing = _task_failing_to_load(tasks, manager)
+        if failing is None:
+            raise  # not a dataset problem
+        raise _data_error(*failing) from None
     return {k: out[k] for k in ("results", "versions", "n-shot", "configs", "samples") if k in out}
 
 
-def _is_offline_error(e: BaseException) -> bool:
-    text = f"{type(e).__name__} {e}".lower()
-    return isinstance(e, ConnectionError) or any(
-        word in text for word in ("offline", "couldn't reach", "connection", "timed out", "resolve"))
-
-
-def _data_error(tasks, manager, error: OSError) -> DataError:
-    """A one-line error naming the task whose data could not be loaded. lm-eval loads every
-    task's dataset inside simple_evaluate without saying which failed, so the tasks are
-    tried one at a time (only on this error path)."""
-    culprit = tasks[0] if len(tasks) == 1 else None
-    for task in tasks if culprit is None else ():
+def _task_failing_to_load(tasks, manager):
+    """(task, error) of the first task whose dataset cannot be loaded, else None. lm-eval
+    loads every dataset inside simple_evaluate without saying which failed, so each task
+    is loaded again on its own (only after an error)."""
+    for task in tasks:
         try:
             manager.load_task_or_group([task])
         except OSError as e:
-            culprit, error = task, e
-            break
+            return task, e
+    return None
+
+
+def _data_error(task: str, error: OSError) -> DataError:
     first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    name = f"task '{culprit}'" if culprit else f"tasks {tasks}"
-    if _is_offline_error(error):
-        return DataError(f"eval: {name} cannot load its dataset without network ({first_line}); "
+    text = f"{type(error).__name__} {error}".lower()
+    offline = isinstance(error, ConnectionError) or any(
+        word in text for word in ("offline", "couldn't reach", "connection", "timed out"))
+    if offline:
+        return DataError(f"eval: task '{task}' cannot load its dataset without network ({first_line}); "
                          f"download it into an HF cache on a machine with internet and set HF_HOME "
                          f"and HF_DATASETS_OFFLINE=1 here ({OFFLINE_RECIPE})")
-    return DataError(f"eval: {name} cannot load its dataset ({first_line}); check the task's "
+    return DataError(f"eval: task '{task}' cannot load its dataset ({first_line}); check the task's "
                      f"dataset_path/data_files ({OFFLINE_RECIPE})")
 
 

@@ -87,22 +87,32 @@ def test_missing_tokenizer_names_the_flag(tmp_path):
         pick_tokenizer(None, tmp_path, tokenizer_path=tmp_path / "nope.json")
 
 
-def test_hub_task_offline_is_a_one_line_error(run_dir, tmp_path, monkeypatch, capsys):
-    """A task whose dataset is on the Hub, not in the cache, and no network (the test
-    session runs with HF_DATASETS_OFFLINE=1, as an offline cluster node should)."""
+def _eval_error(run_dir, tmp_path, capsys, name: str, dataset_lines: str) -> str:
+    """The stderr error line of eval.py on a copy of austen_mc whose dataset is replaced."""
     tasks = tmp_path / "tasks"
-    tasks.mkdir()
-    (tasks / "hub_task.yaml").write_text(
+    tasks.mkdir(exist_ok=True)
+    (tasks / f"{name}.yaml").write_text(
         (TASKS_DIR / "austen_mc.yaml").read_text()
-        .replace("task: austen_mc", "task: hub_task")
-        .replace("custom_dataset: !function austen.load", "dataset_path: neox-l2e-tests/not-cached")
-        .replace("dataset_kwargs: {file: austen_mc.jsonl}", ""))
-    monkeypatch.chdir(tmp_path)
+        .replace("task: austen_mc", f"task: {name}")
+        .replace("custom_dataset: !function austen.load\ndataset_kwargs: {file: austen_mc.jsonl}",
+                 dataset_lines))
     with pytest.raises(SystemExit) as exit_info:
-        _eval_main()(["--checkpoint", str(run_dir / "checkpoints"), "--eval_tasks", "hub_task",
+        _eval_main()(["--checkpoint", str(run_dir / "checkpoints"), "--eval_tasks", name,
                       "--include_path", str(tasks)])
     assert exit_info.value.code == 2
     error = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(error) == 1, error
-    assert "task 'hub_task'" in error[0] and "without network" in error[0]
-    assert "HF_HOME" in error[0] and "docs/eval.md" in error[0]
+    return error[0]
+
+
+def test_unreachable_or_missing_task_data_is_a_one_line_error(run_dir, tmp_path, monkeypatch, capsys):
+    """A dataset on the Hub that is not in the cache, without network (the test session
+    runs with HF_DATASETS_OFFLINE=1, as an offline cluster node should), and a local
+    data file that does not exist."""
+    monkeypatch.chdir(tmp_path)
+    error = _eval_error(run_dir, tmp_path, capsys, "hub_task", "dataset_path: neox-l2e-tests/not-cached")
+    assert "task 'hub_task'" in error and "without network" in error
+    assert "HF_HOME" in error and "docs/eval.md" in error
+    error = _eval_error(run_dir, tmp_path, capsys, "file_task",
+                        f"dataset_path: json\ndataset_kwargs: {{data_files: {{test: {tmp_path}/nope.jsonl}}}}")
+    assert "task 'file_task'" in error and "nope.jsonl" in error and "without network" not in error
