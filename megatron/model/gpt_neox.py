@@ -184,8 +184,8 @@ class Attention(nn.Module):
             return flash(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), p, scale, causal=True)
         if s == t:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, scale=scale)
-        else:  # new queries after t - s cached keys: query i sees keys up to t - s + i
-            mask = torch.ones(s, t, dtype=torch.bool, device=q.device).tril(t - s)
+        else:  # s new queries after t - s cached keys: query i sees keys up to t - s + i
+            mask = None if s == 1 else torch.ones(s, t, dtype=torch.bool, device=q.device).tril(t - s)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=scale)
         return y.transpose(1, 2)
 
