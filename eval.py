@@ -1,13 +1,16 @@
 """Evaluate a checkpoint with lm-eval.
 
     python deepy.py eval.py CONFIG.yml ... --eval_tasks arc_challenge piqa sciq --num_fewshot 0
-    python eval.py --checkpoint runs/tiny/checkpoints --eval_tasks piqa --num_fewshot 5
+    python eval.py --checkpoint runs/tiny/checkpoints --eval_tasks austen_mc \
+        --include_path configs/eval_tasks
     python eval.py --checkpoint /models/pythia-70m --eval_tasks sciq    # any HF GPT-NeoX dir
 
-The checkpoint is ``--checkpoint`` or the config's ``load``; the tokenizer is the
-config's, else the ``tokenizer.json`` inside an HF directory, else the one named by
-the checkpoint's saved config. Results go to ``--output`` (default
-``{eval_results_prefix}eval_results.json``).
+The checkpoint is ``--checkpoint`` or the config's ``load``; the tokenizer is
+``--tokenizer``, else the config's, else the ``tokenizer.json`` inside an HF directory,
+else the one named by the checkpoint's saved config. Results go to ``--output``, else
+``eval_results/<run>_iter<N>_<tasks>.json`` (N read from the checkpoint; an existing
+file is never replaced). Hub tasks need their datasets cached for offline use:
+docs/eval.md.
 
 One process evaluates the whole model (``megatron.load_model``). Launched on several
 ranks (deepy, torchrun), or with a config whose model is split (model-parallel-size > 1,
@@ -24,7 +27,10 @@ import sys
 import time
 from pathlib import Path
 
-from megatron.errors import CheckpointError, TokenizerError, cli_main
+from megatron.errors import CheckpointError, cli_main
+from megatron.eval.harness import DEFAULT_BOOTSTRAP_ITERS
+from megatron.eval.loading import (checkpoint_iteration, is_hf_checkpoint, pick_tokenizer, results_path,
+                                   unused_path)
 
 
 def parse_cli(argv):
@@ -38,9 +44,13 @@ def parse_cli(argv):
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--limit", type=int, default=None, help="documents per task (default: all)")
     p.add_argument("--include_path", default=None, help="folder of extra lm-eval task YAMLs")
-    p.add_argument("--bootstrap_iters", type=int, default=0)
+    p.add_argument("--bootstrap_iters", type=int, default=DEFAULT_BOOTSTRAP_ITERS,
+                   help="resamples for the stderr of perplexity-like metrics (0: no stderr at "
+                        "all); means such as acc have a closed form")
+    p.add_argument("--tokenizer", default=None, help="HF tokenizer.json (or a folder holding one)")
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--output", default=None, help="results JSON path")
+    p.add_argument("--output", default=None,
+                   help="results JSON path (default eval_results/<run>_iter<N>_<tasks>.json)")
     p.add_argument("--log_samples", action="store_true",
                    help="also write every request's scores (lm-eval's samples) to the JSON")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -58,23 +68,6 @@ def load_neox_args(cli):
         args = NeoXArgs.from_ymls(cli.configs)
     args.configure_world(int(os.environ.get("WORLD_SIZE", "1")))
     return args
-
-
-def pick_tokenizer(neox_args, checkpoint: Path, iteration=None):
-    from megatron.tokenizer import build_tokenizer
-    from megatron.tokenizer.tokenizer import HFTokenizer
-
-    if neox_args is not None and neox_args.vocab_file:
-        return build_tokenizer(neox_args)
-    if (checkpoint / "tokenizer.json").is_file():
-        return HFTokenizer(str(checkpoint / "tokenizer.json"))
-    from megatron.checkpoint_format import checkpoint_neox_args, resolve_step_dir
-
-    saved = checkpoint_neox_args(resolve_step_dir(checkpoint, iteration))
-    if saved is not None and saved.vocab_file and Path(saved.vocab_file).is_file():
-        return build_tokenizer(saved)
-    raise TokenizerError(f"no tokenizer for {checkpoint}: pass a config whose vocab-file exists, "
-                         "or put tokenizer.json in the checkpoint directory")
 
 
 def is_multi_rank(neox_args) -> bool:
@@ -96,7 +89,7 @@ def build_logits_fn(neox_args, checkpoint: Path, iteration, tokenizer):
     from megatron.checkpoint_format import checkpoint_neox_args, resolve_step_dir
     from megatron.eval import load_parallel_model
 
-    if (checkpoint / "config.json").is_file():
+    if is_hf_checkpoint(checkpoint):
         raise CheckpointError(f"eval: {checkpoint} is an HF checkpoint; evaluate it in one process "
                               "(python eval.py --checkpoint DIR, without deepy or a parallel config)")
     args = neox_args or checkpoint_neox_args(resolve_step_dir(checkpoint, iteration))
@@ -130,7 +123,8 @@ def main(argv=None):
 
     from megatron.eval import evaluate_tasks
 
-    tokenizer = pick_tokenizer(neox_args, checkpoint, cli.iteration)
+    tokenizer = pick_tokenizer(neox_args, checkpoint, cli.iteration, cli.tokenizer)
+    iteration = checkpoint_iteration(checkpoint, cli.iteration)
     logits_fn, max_length, writer = build_logits_fn(neox_args, checkpoint, cli.iteration, tokenizer)
     start = time.time()
     # Every rank scores every request (the logits function is collective); rank 0 writes.
@@ -139,19 +133,29 @@ def main(argv=None):
                          bootstrap_iters=cli.bootstrap_iters, seed=cli.seed, log_samples=cli.log_samples)
     if not writer:
         return
-    out.update(checkpoint=str(checkpoint), iteration=cli.iteration, num_fewshot=num_fewshot,
-               limit=cli.limit, seconds=round(time.time() - start, 2))
+    out.update(checkpoint=str(checkpoint), iteration=iteration, num_fewshot=num_fewshot,
+               limit=cli.limit, bootstrap_iters=cli.bootstrap_iters,
+               seconds=round(time.time() - start, 2))
     prefix = getattr(neox_args, "eval_results_prefix", "") or ""
-    target = Path(cli.output or f"{prefix}eval_results.json")
+    target = unused_path(Path(cli.output)) if cli.output else results_path(checkpoint, iteration, tasks, prefix)
+    if cli.output and str(target) != cli.output:
+        print(f"eval: {cli.output} exists; keeping it", file=sys.stderr)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(target.suffix + ".tmp")
     tmp.write_text(json.dumps(out, indent=2, default=str))
     os.replace(tmp, target)
     for task, metrics in out["results"].items():
-        shown = ", ".join(f"{k.split(',')[0]}={v:.4f}" for k, v in metrics.items()
+        shown = ", ".join(_with_stderr(k, v, metrics) for k, v in metrics.items()
                           if isinstance(v, float) and "stderr" not in k)
         print(f"{task}: {shown}")
     print(f"results written to {target}")
+
+
+def _with_stderr(key: str, value: float, metrics: dict) -> str:
+    name, _, filt = key.partition(",")
+    stderr = metrics.get(f"{name}_stderr,{filt}")
+    shown = f"{name}={value:.4f}"
+    return shown + (f" ± {stderr:.4f}" if isinstance(stderr, float) else "")
 
 
 if __name__ == "__main__":

@@ -65,11 +65,8 @@ NEOX_ONLY_DEFAULTS = {
     "deepscale_config": None,
     # fp16 loss-scale duplicates: DeepSpeed reads the fp16 dict instead
     "loss_scale": None, "hysteresis": 2, "loss_scale_window": 1000.0, "min_scale": 1.0,
-    # text generation (generate.py is not part of neox-l2e)
-    "precompute_model_name": None, "temperature": 0.0, "top_p": 0.0, "top_k": 0,
-    "return_logits": False, "maximum_tokens": 64, "prompt_end": "\n",
-    "sample_input_file": None, "sample_output_file": "samples.txt", "num_samples": 1,
-    "recompute": False,
+    # text generation extras (generate.py's own keys are in the schema)
+    "precompute_model_name": None, "return_logits": False,
 }
 
 # Values NeoX computes and writes into its own argument dumps.
@@ -77,7 +74,7 @@ NEOX_RUNTIME_KEYS = frozenset({
     "git_hash", "global_num_gpus", "local_rank", "rank", "user_script", "do_train",
     "do_valid", "do_test", "batch_size", "clip_grad", "dynamic_loss_scale",
     "optimizer_type", "zero_stage", "zero_reduce_scatter", "zero_contiguous_gradients",
-    "zero_reduce_bucket_size", "zero_allgather_bucket_size", "text_gen_type",
+    "zero_reduce_bucket_size", "zero_allgather_bucket_size",
     "comet_experiment",
 })
 

@@ -30,6 +30,9 @@ def config_parser(prog: str, with_script: bool) -> argparse.ArgumentParser:
     p.add_argument("--eval_tasks", nargs="+", help="lm-eval tasks (eval.py)")
     p.add_argument("--num_fewshot", dest="eval_num_fewshot", type=int,
                    help="few-shot examples per lm-eval task (eval.py)")
+    p.add_argument("--include_path", dest="eval_include_path",
+                   help="folder of extra lm-eval task YAMLs (eval.py)")
+    p.add_argument("--load", help="checkpoint directory to load (overrides the config)")
     p.add_argument("--iteration", type=int, help="checkpoint iteration to load")
     p.add_argument("--eval_results_prefix", help="prefix of the eval results file")
     for key in ("wandb_group", "wandb_team", "wandb_run_name"):
@@ -52,8 +55,8 @@ def config_paths(configs, conf_dir=None) -> list[str]:
 
 
 def overrides_from(ns: argparse.Namespace) -> dict:
-    keys = ("hostfile", "eval_tasks", "eval_num_fewshot", "iteration", "eval_results_prefix",
-            "wandb_group", "wandb_team", "wandb_run_name")
+    keys = ("hostfile", "eval_tasks", "eval_num_fewshot", "eval_include_path", "load", "iteration",
+            "eval_results_prefix", "wandb_group", "wandb_team", "wandb_run_name")
     out = {k: getattr(ns, k) for k in keys if getattr(ns, k) is not None}
     for item in ns.override:
         key, sep, value = item.partition("=")

@@ -22,8 +22,8 @@ from megatron.config import compat
 from megatron.config.l2e import L2EConfig
 from megatron.config.loading import merge_yamls, normalize_key
 from megatron.config.schema import (
-    NO_OP_KEYS, CheckpointArgs, DataArgs, EvalArgs, L2EArgs, LauncherArgs, LoggingArgs,
-    ModelArgs, OptimizerArgs, ParallelArgs, PerformanceArgs, TrainingArgs,
+    NO_OP_KEYS, CheckpointArgs, DataArgs, EvalArgs, GenerationArgs, L2EArgs, LauncherArgs,
+    LoggingArgs, ModelArgs, OptimizerArgs, ParallelArgs, PerformanceArgs, TrainingArgs,
 )
 from megatron.config.types import check_value, nearest_hint
 from megatron.errors import ConfigError
@@ -54,8 +54,8 @@ def _set_nested(mapping, path: list[str], value, key: str):
 
 @dataclass
 class NeoXArgs(ModelArgs, ParallelArgs, OptimizerArgs, TrainingArgs, DataArgs,
-               CheckpointArgs, LoggingArgs, EvalArgs, LauncherArgs, PerformanceArgs,
-               L2EArgs):
+               CheckpointArgs, LoggingArgs, EvalArgs, GenerationArgs, LauncherArgs,
+               PerformanceArgs, L2EArgs):
     """Every GPT-NeoX key as a flat attribute, plus ours (``l2e``, ``data_preshuffled``,
     ``nan_tolerance``, ``eval_num_fewshot``)."""
 

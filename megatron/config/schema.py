@@ -224,6 +224,33 @@ class EvalArgs:
 
 
 @dataclass
+class GenerationArgs:
+    """generate.py (NeoX's text-generation keys and defaults)."""
+
+    text_gen_type: Literal["unconditional", "input-file", "interactive"] = arg(
+        "unconditional", "generate.py mode: num_samples samples from an empty context, one "
+        "completion per prompt of sample_input_file, or prompts typed at the terminal "
+        "(NeoX has no default; generate.py would fail without one).")
+    sample_input_file: Optional[str] = arg(None, "Prompts for input-file mode, separated by "
+                                                 "prompt_end.")
+    sample_output_file: Optional[str] = arg(
+        "samples.txt", "JSON lines written by generate.py (context, text, length, finished, "
+        "message, duration_seconds); null in input-file mode means "
+        "<sample_input_file>.output.jsonl.")
+    num_samples: int = arg(1, "Samples in unconditional mode.")
+    maximum_tokens: int = arg(64, "Most tokens generated per prompt.")
+    prompt_end: str = arg("\n", "Separator between prompts in sample_input_file (default: "
+                                   "a newline).")
+    temperature: float = arg(0.0, "Softmax temperature; 0 with top_k 0 and top_p 0 is greedy.")
+    top_k: int = arg(0, "Sample from the k most likely tokens (0: all).")
+    top_p: float = arg(0.0, "Nucleus sampling: the smallest set with this probability "
+                            "(0: off).")
+    recompute: bool = arg(False, "Recompute the whole sequence for each new token instead of "
+                                 "using the KV cache (several ranks with pipe_parallel_size "
+                                 ">= 1 always do).")
+
+
+@dataclass
 class LauncherArgs:
     hostfile: Optional[str] = arg(None, "DeepSpeed hostfile: 'host slots=N' per line.")
     include: Optional[str] = arg(None, "Hosts/GPUs to use, e.g. 'node1:0,1@node2'.")
@@ -284,5 +311,5 @@ class L2EArgs:
 
 
 GROUPS = (ModelArgs, ParallelArgs, OptimizerArgs, TrainingArgs, DataArgs, CheckpointArgs,
-          LoggingArgs, EvalArgs, LauncherArgs, PerformanceArgs, L2EArgs)
+          LoggingArgs, EvalArgs, GenerationArgs, LauncherArgs, PerformanceArgs, L2EArgs)
 NO_OP_KEYS = frozenset(f.name for f in dataclasses.fields(PerformanceArgs))

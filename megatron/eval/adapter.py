@@ -104,7 +104,10 @@ class NeoXEvalLM(TemplateLM):
     # ---- generation ----------------------------------------------------------------
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        """Greedy decoding; stops at any of the request's ``until`` strings or EOD."""
+        """Greedy decoding (with the KV cache when the model takes one); stops at any of the
+        request's ``until`` strings or EOD."""
+        from megatron.text_generation import generate_tokens
+
         outputs = []
         eos_text = self.tok_decode([self.eot_token_id])
         for context, gen_kwargs in tqdm([r.args for r in requests], disable=disable_tqdm,
@@ -114,17 +117,12 @@ class NeoXEvalLM(TemplateLM):
                 log.warning("generate_until: sampling requested; neox-l2e decodes greedily")
             until = handle_stop_sequences(kwargs.get("until"), eos=eos_text)
             max_new = kwargs["max_gen_toks"]
+            # The context keeps room for max_new tokens, so the window never has to slide.
             tokens = self.tok_encode(context)[-max(1, self.max_length - max_new):]
-            generated: list[int] = []
-            for _ in range(max_new):
-                window = (tokens + generated)[-self.max_length:]
-                logits = self.logits_fn(torch.tensor([window], dtype=torch.long))
-                next_token = int(logits[0, -1].argmax())
-                if next_token == self.eot_token_id:
-                    break
-                generated.append(next_token)
-                if any(stop in self.tok_decode(generated) for stop in until):
-                    break
+            generated, _ = generate_tokens(
+                self.logits_fn, tokens, max_new_tokens=max_new, eod=self.eot_token_id,
+                max_positions=max(self.max_length, len(tokens) + 1),
+                stop=lambda new: any(stop in self.tok_decode(new) for stop in until))
             text = self.tok_decode(generated)
             for stop in until:
                 text = text.split(stop)[0]

@@ -7,6 +7,7 @@ from megatron.model.gpt_neox import (
     FinalNorm,
     GPTNeoX,
     Head,
+    KVCache,
     ModelConfig,
     RotaryEmbedding,
 )
@@ -20,6 +21,7 @@ __all__ = [
     "FinalNorm",
     "GPTNeoX",
     "Head",
+    "KVCache",
     "ModelConfig",
     "RotaryEmbedding",
     "init_std",

@@ -5,6 +5,9 @@
                 or   x = x + attn(ln1(x));  x = x + mlp(ln2(x))  (sequential)
     logits = head(final_norm(x))
 
+For decoding, ``model(tokens, cache=KVCache())`` keeps each block's keys and values, so
+the next call feeds only the new tokens (their positions continue after the cached ones).
+
 Submodule names are GPT-NeoX's per-layer names, so `Embedding`, `Block`, `FinalNorm`
 and `Head` state dicts are exactly the contents of NeoX's `layer_XX` checkpoint files.
 The model knows nothing about ranks: tensor parallelism swaps the linears from outside,
@@ -84,20 +87,57 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.dims, self.base, self.max_positions = dims, base, max_positions
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor):  # [b, heads, s, head_dim]
+    def forward(self, q: torch.Tensor, k: torch.Tensor, offset: int = 0):  # [b, heads, s, head_dim]
+        """``offset``: position of the first of the ``s`` tokens (the cached length when decoding)."""
         if self.dims == 0:
             return q, k
-        s = q.shape[-2]
+        end = offset + q.shape[-2]
         # Tables live in a shared cache, built on first use on the input's device (so the
         # module works after meta-device construction and survives .to(half)).
-        cos, sin = _rotary_tables(self.dims, self.base, max(s, self.max_positions), q.device)
-        cos, sin = cos[:s], sin[:s]
+        cos, sin = _rotary_tables(self.dims, self.base, max(end, self.max_positions), q.device)
+        cos, sin = cos[offset:end], sin[offset:end]
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
 
     def _rotate(self, x, cos, sin):
         x_rot, x_pass = x[..., : self.dims].float(), x[..., self.dims :]
         x_rot = x_rot * cos + rotate_half(x_rot) * sin
         return torch.cat((x_rot.to(x.dtype), x_pass), dim=-1)
+
+
+# ----------------------------------------------------------------------------- KV cache
+
+
+class LayerCache:
+    """One block's keys and values [b, heads, t, head_dim] of the tokens seen so far."""
+
+    def __init__(self):
+        self.k = self.v = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k is None else self.k.shape[-2]
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor):
+        """Append the new tokens' keys and values; return all of them."""
+        self.k = k if self.k is None else torch.cat((self.k, k), dim=-2)
+        self.v = v if self.v is None else torch.cat((self.v, v), dim=-2)
+        return self.k, self.v
+
+
+class KVCache:
+    """Per-block ``LayerCache``s for incremental decoding, created on first use."""
+
+    def __init__(self):
+        self.layers: list[LayerCache] = []
+
+    def layer(self, i: int) -> LayerCache:
+        while len(self.layers) <= i:
+            self.layers.append(LayerCache())
+        return self.layers[i]
+
+    @property
+    def length(self) -> int:
+        return self.layers[0].length if self.layers else 0
 
 
 # ----------------------------------------------------------------------------- layers
@@ -123,22 +163,30 @@ class Attention(nn.Module):
         self.rotary_emb = RotaryEmbedding(cfg.rotary_dims, cfg.rotary_base, cfg.max_position_embeddings)
         self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
         b, s, _ = x.shape
         qkv = self.query_key_value(x)
         heads = qkv.shape[-1] // (3 * self.head_dim)  # local heads under tensor parallelism
         q, k, v = qkv.view(b, s, heads, 3 * self.head_dim).transpose(1, 2).split(self.head_dim, dim=-1)
-        q, k = self.rotary_emb(q, k)
+        past = cache.length if cache is not None else 0
+        q, k = self.rotary_emb(q, k, offset=past)
+        if cache is not None:
+            k, v = cache.extend(k, v)
         y = self._attend(q, k, v)  # [b, s, heads, head_dim]
         return self.dense(y.reshape(b, s, heads * self.head_dim))
 
     def _attend(self, q, k, v):
         p = self.dropout if self.training else 0.0
         scale = 1.0 / math.sqrt(self.head_dim)
-        flash = _flash_attn_func() if self.use_flash and q.is_cuda else None
+        s, t = q.shape[-2], k.shape[-2]
+        flash = _flash_attn_func() if self.use_flash and q.is_cuda and s == t else None
         if flash is not None and q.dtype in (torch.float16, torch.bfloat16):
             return flash(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), p, scale, causal=True)
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, scale=scale)
+        if s == t:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, scale=scale)
+        else:  # s new queries after t - s cached keys: query i sees keys up to t - s + i
+            mask = None if s == 1 else torch.ones(s, t, dtype=torch.bool, device=q.device).tril(t - s)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=scale)
         return y.transpose(1, 2)
 
 
@@ -163,8 +211,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.dropout = nn.Dropout(cfg.hidden_dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = self.dropout(self.attention(self.input_layernorm(x)))
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+        a = self.dropout(self.attention(self.input_layernorm(x), cache))
         if self.parallel_residual:
             return x + a + self.dropout(self.mlp(self.post_attention_layernorm(x)))
         x = x + a
@@ -212,8 +260,9 @@ class GPTNeoX(nn.Module):
         if cfg.tie_embeddings:
             self.head.final_linear.weight = self.embed.word_embeddings.weight
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Logits [b, s, V]. With ``cache``, ``input_ids`` continue the cached tokens."""
         x = self.embed(input_ids)
-        for block in self.blocks:
-            x = block(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x) if cache is None else block(x, cache.layer(i))
         return self.head(self.final_norm(x))

@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-from megatron.model import GPTNeoX, ModelConfig, init_weights
+from megatron.model import GPTNeoX, KVCache, ModelConfig, init_weights
 from megatron.model.hf import hf_config_kwargs, hf_to_model_state_dict, model_config_from_hf
 
 TINY = dict(vocab_size=128, hidden_size=32, num_layers=2, num_heads=4, max_position_embeddings=64)
@@ -137,6 +137,21 @@ def test_causal_future_tokens_do_not_change_past_logits():
     assert not torch.equal(a[:, 8:], b[:, 8:])
 
 
+@pytest.mark.parametrize("rotary_pct", [0.25, 1.0])
+def test_kv_cache_decoding_matches_full_forward(rotary_pct):
+    """A prompt, then a 3-token chunk, then single tokens through the cache: every step's
+    logits equal the full-sequence forward at those positions (rotary offsets, masks)."""
+    model = ours_from_hf(random_hf_model(rotary_pct=rotary_pct))
+    ids = torch.randint(0, 128, (2, 14), generator=torch.Generator().manual_seed(2))
+    cache = KVCache()
+    with torch.no_grad():
+        full = model(ids)
+        steps = [model(ids[:, :6], cache=cache), model(ids[:, 6:9], cache=cache)]
+        steps += [model(ids[:, i : i + 1], cache=cache) for i in range(9, 14)]
+    assert cache.length == 14
+    assert (torch.cat(steps, dim=1) - full).abs().max().item() <= 1e-5
+
+
 def test_dropout_only_in_training():
     model = GPTNeoX(ModelConfig(**TINY, hidden_dropout=0.5, attention_dropout=0.5))
     ids = torch.randint(0, 128, (1, 8))
@@ -168,6 +183,22 @@ def test_cuda_bf16_flash_close_to_fp32_hf():
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out = model(ids)
     assert (out.float() - ref).abs().max() < 0.1 * ref.abs().max()
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_kv_cache_close_to_full_forward():
+    """generate.py's GPU path: bf16, flash requested (used for the prompt, SDPA with a
+    mask for the cached steps)."""
+    model = ours_from_hf(random_hf_model())
+    model.blocks.apply(lambda m: setattr(m, "use_flash", True) if hasattr(m, "use_flash") else None)
+    model = model.to("cuda", torch.bfloat16)
+    ids = torch.randint(0, 128, (1, 40), device="cuda")
+    cache = KVCache()
+    with torch.no_grad():
+        full = model(ids).float()
+        steps = [model(ids[:, :32], cache=cache)] + [model(ids[:, i : i + 1], cache=cache) for i in range(32, 40)]
+    stepped = torch.cat(steps, dim=1).float()
+    assert (stepped - full).abs().max() < 0.05 * full.abs().max()
 
 
 def test_trains_after_inference_mode_forward():
