@@ -31,6 +31,7 @@ from megatron.parallel import (
 )
 from megatron.training.ds_config import build_ds_config
 from megatron.training.optimizer import AnnealingLR, build_optimizer
+from megatron.training.robustness import NonFiniteStepCheck
 
 
 class SequentialGPTNeoX(torch.nn.Module):
@@ -78,6 +79,7 @@ class Trainer:
     is_pipe: bool = False
     model: torch.nn.Module = None  # the whole model on this rank (for lm-eval); None if pipelined
     tp_group: object = None
+    step_check: object = None  # robustness.NonFiniteStepCheck: skips non-finite steps
 
 
 def _mark_for_grad_norm(model: torch.nn.Module, tp_rank: int, is_pipe: bool):
@@ -169,5 +171,5 @@ def build_trainer(args, groups) -> Trainer:
         _use_foreach_clipping(engine, optimizer)
     # A one-stage pipeline is still a plain callable model (pp=1, as in Pythia's configs).
     whole = not is_pipe or groups.pp_size == 1
-    return Trainer(engine=engine, l2e=l2e, is_pipe=is_pipe,
-                   model=model if whole else None, tp_group=tp_group)
+    return Trainer(engine=engine, l2e=l2e, is_pipe=is_pipe, model=model if whole else None,
+                   tp_group=tp_group, step_check=NonFiniteStepCheck(engine))
