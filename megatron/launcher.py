@@ -122,6 +122,10 @@ def main(argv=None) -> int:
     args = load_from_namespace(ns)
     on_gpus = torch.cuda.is_available() or args.hostfile is not None
     args.configure_world(count_ranks(args, torch.cuda.device_count() if on_gpus else 1))
+    if args.hostfile is None and os.path.basename(ns.script) == "train.py":  # ranks share our paths
+        from megatron.training.preflight import check_before_launch
+
+        check_before_launch(args)
     log.info("launching %s on %d rank(s)", ns.script, args.world_size)
     if on_gpus:
         from deepspeed.launcher import runner

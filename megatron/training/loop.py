@@ -144,7 +144,7 @@ def pretrain(args) -> dict:
     from megatron.data.data_utils import build_train_valid_test_datasets, make_data_iterator
     from megatron.parallel import ParallelGroups
     from megatron.tokenizer import build_tokenizer
-    from megatron.training import checkpointing, logging, robustness
+    from megatron.training import checkpointing, logging, preflight, robustness
 
     _check_runtime_settings(args)
     init_distributed()
@@ -153,7 +153,10 @@ def pretrain(args) -> dict:
     set_seeds(args.seed)
     tokenizer = build_tokenizer(args)
     args.set_vocab_size(tokenizer.vocab_size)
+    preflight.check_paths(args)
+    preflight.check_data(args, args.padded_vocab_size)
     trainer = build_trainer(args, groups)
+    preflight.check_disk_space(args, preflight.model_parameter_count(trainer.engine, groups.dp_size))
 
     iteration = checkpointing.load_checkpoint(args, trainer.engine, groups, l2e=trainer.l2e) if args.load else 0
     train_ds, valid_ds, _ = build_train_valid_test_datasets(args)
