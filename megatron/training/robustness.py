@@ -158,19 +158,22 @@ class NonFiniteLossGuard:
 
 
 class PreemptionHandler:
-    """Turns SIGTERM (schedulers, k8s) and SIGUSR1 (slurm ``--signal``) into a flag.
+    """Turns SIGTERM (schedulers, k8s, deepy.py passing on its own), SIGINT (Ctrl-C)
+    and SIGUSR1 (slurm ``--signal``) into a flag; a second SIGINT stops at once.
 
     The loop polls :meth:`requested` once per step; because the signal may reach only
     some ranks, the flag is max-reduced so every rank saves and exits together.
     """
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
     def __init__(self):
         self.flag = False
         self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
     def _handle(self, signum, frame):
+        if signum == signal.SIGINT and self.flag:
+            raise KeyboardInterrupt
         log.warning("received %s: will save a checkpoint and exit after this step",
                     signal.Signals(signum).name)
         self.flag = True

@@ -33,15 +33,25 @@ def test_guard_counts_fp16_overflow_skips_without_raising():
     assert guard.metrics() == {"train/skipped_iters": 5, "train/nan_iters": 0}
 
 
-def test_sigterm_and_sigusr1_set_the_flag_and_close_restores():
+def test_sigterm_sigint_and_sigusr1_set_the_flag_and_close_restores():
     previous = signal.getsignal(signal.SIGTERM)
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
         handler = PreemptionHandler()
         assert not handler.requested()
         os.kill(os.getpid(), sig)
         assert handler.requested()
         handler.close()
     assert signal.getsignal(signal.SIGTERM) is previous
+
+
+def test_second_sigint_stops_at_once():
+    handler = PreemptionHandler()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        handler.close()
 
 
 def _one_rank_signalled(rank, world_size):
