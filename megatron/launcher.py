@@ -192,6 +192,9 @@ def main(argv=None) -> int:
     args = load_from_namespace(ns)
     on_gpus = torch.cuda.is_available() or args.hostfile is not None
     args.configure_world(count_ranks(args, torch.cuda.device_count() if on_gpus else 1))
+    from megatron.training.robustness import check_extension_locks
+
+    check_extension_locks(single_node=args.hostfile is None)
     if args.hostfile is None and os.path.basename(ns.script) == "train.py":  # ranks share our paths
         from megatron.training.preflight import check_before_launch
 

@@ -30,6 +30,10 @@ def init_distributed():
         # A plain `python train.py` is a world of one; without these DeepSpeed tries MPI.
         os.environ.setdefault(key, default)
     if not dist.is_initialized():
+        from megatron.training.robustness import check_extension_locks
+
+        # DeepSpeed JIT-builds its CPU comm op here; a killed build's lock would hang us
+        check_extension_locks(single_node=os.environ["WORLD_SIZE"] == os.environ.get("LOCAL_WORLD_SIZE", "1"))
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
 
 
