@@ -33,10 +33,11 @@ class NonFiniteStepCheck:
     moment/step-count update; the wrapped optimizer then reports ``overflow``, so
     DeepSpeed counts it in ``skipped_steps`` and leaves the LR schedule where it was,
     exactly as for an fp16 overflow. With fp32 and ZeRO 0 DeepSpeed has no check of its
-    own; with bf16, ZeRO 1/2 and fp16 it skips non-finite gradient norms itself before
-    calling the optimizer, and this check adds the loss. ZeRO-3 steps its optimizer per
-    parameter sub-group: the decision is taken at the first one (the loss and that
-    sub-group's gradients) and applied to all.
+    own, so the gradient norm is checked here (the clipping's norm when it sets
+    ``known_norm``, else one foreach pass); with bf16, ZeRO 1/2 and fp16 DeepSpeed skips
+    non-finite gradient norms itself before calling the optimizer, and this check adds
+    the loss. ZeRO-3 steps its optimizer per parameter sub-group: the decision is taken
+    at the first one (the loss and that sub-group's gradients) and applied to all.
     """
 
     def __init__(self, engine):
@@ -44,8 +45,10 @@ class NonFiniteStepCheck:
         self._loss = None  # this rank's summed micro-batch losses (a tensor), if any
         self._decision = None  # (loss_sum, nonfinite) once taken this step
         self._outcome = None
+        self.known_norm = None  # this step's gradient norm, when clipping computed it
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         inner, outer = engine.basic_optimizer, engine.optimizer
+        self.check_grads = outer is inner or engine.zero_optimization_stage() == 3
         inner_step = inner.step
 
         def checked_inner_step(*args, **kwargs):
@@ -88,7 +91,10 @@ class NonFiniteStepCheck:
         grads = [p.grad for group in self.engine.basic_optimizer.param_groups
                  for p in group["params"] if p.grad is not None]
         device = grads[0].device if grads else torch.device("cpu")
-        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=device)
+        norm, self.known_norm = self.known_norm, None
+        if norm is None:
+            checked = grads if self.check_grads else []
+            norm = torch.nn.utils.get_total_norm(checked) if checked else torch.zeros((), device=device)
         loss_part = loss.detach().float().reshape(()).to(device) if loss is not None else torch.zeros((), device=device)
         bad = (~torch.isfinite(norm.float())).float() + (~torch.isfinite(loss_part)).float()
         both = torch.stack([loss_part, bad])

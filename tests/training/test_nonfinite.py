@@ -22,6 +22,8 @@ BASE = {
 }
 CASES = {
     "fp32_zero0": {},
+    "fp32_zero1_no_clipping": {"zero_optimization": {"stage": 1}, "gradient_clipping": 0.0},
+    "bf16_zero0": {"bf16": {"enabled": True}},
     "bf16_zero2": {"bf16": {"enabled": True}, "zero_optimization": {"stage": 2}},
 }
 
@@ -102,7 +104,7 @@ def _skip_one_step(rank, world_size, cases, only_rank=None):
     return out
 
 
-def test_nonfinite_step_changes_nothing_fp32_and_bf16_zero2():
+def test_nonfinite_step_changes_nothing_in_fp32_and_bf16_with_zero_0_to_2():
     (out,) = run_distributed(_skip_one_step, world_size=1, args=(CASES,), init_deepspeed=True)
     for name, r in out.items():
         assert r["skipped"] == [False, False, True, False], name
