@@ -158,7 +158,7 @@ def pretrain(args) -> dict:
     tokenizer = build_tokenizer(args)
     args.set_vocab_size(tokenizer.vocab_size)
     preflight.check_paths(args)
-    preflight.check_data(args, args.padded_vocab_size)
+    preflight.check_data_on_rank0(args, args.padded_vocab_size)
     trainer = build_trainer(args, groups)
     preflight.check_disk_space(args, preflight.model_parameter_count(trainer.engine, groups.dp_size))
 

@@ -2,8 +2,9 @@
 
 ``check_paths`` (writable ``save``/``log_dir``/``tensorboard_dir``) and ``check_data``
 (every data prefix opens, its largest token id fits the padded vocabulary) run in
-``deepy.py`` before the ranks start and again in every rank; ``check_disk_space`` runs
-in ``pretrain`` once the model is built and its size is known. Each problem is one
+``deepy.py`` before the ranks start and again in ``pretrain`` (paths on every rank, data
+on rank 0); ``check_disk_space`` runs in ``pretrain`` once the model is built and its
+size is known. Each problem is one
 ``UserError`` line with the path and the fix.
 """
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 
 import numpy as np
 
@@ -29,7 +31,7 @@ def check_writable_dir(path: str, key: str) -> None:
         raise ConfigError(f"{key}: {path} is a file, not a directory; remove it or point {key} elsewhere")
     try:
         os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, f".write_probe_{os.getpid()}")
+        probe = os.path.join(path, f".write_probe_{socket.gethostname()}_{os.getpid()}")
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
@@ -112,6 +114,8 @@ def max_token_id(dataset) -> int:
     if key in cache:
         return cache[key]
     count = (int(dataset.pointers[-1]) // dataset.dtype.itemsize + int(dataset.sizes[-1])) if len(dataset) else 0
+    if count * dataset.dtype.itemsize > 2**30:
+        log.info("%s: scanning for the largest token id (once; cached in %s)", path, CACHE_FILE)
     largest = _scan_max(path, dataset.dtype, count)
     cache[key] = largest
     _store_cache(cache)
@@ -131,6 +135,25 @@ def check_data(args, vocab_size: int) -> None:
                             f"({vocab_size}) of tokenizer {args.vocab_file or args.tokenizer_type}; "
                             f"the data was tokenized with another tokenizer: re-run preprocess_data.py "
                             f"with this one or set vocab_file to the one the data used")
+
+
+def check_data_on_rank0(args, vocab_size: int) -> None:
+    """``check_data`` on global rank 0 only (one scan per job, not per rank), its error
+    raised on every rank so that none waits for the others in a collective."""
+    import torch.distributed as dist
+
+    error = None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            check_data(args, vocab_size)
+        except (ConfigError, DataError) as e:
+            error = e
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise error
 
 
 def check_before_launch(args) -> None:

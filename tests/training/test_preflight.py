@@ -107,3 +107,23 @@ def test_pretrain_refuses_unwritable_log_dir_before_step_1(tmp_path):
     (message,) = run_distributed(_pretrain, world_size=1, args=(overrides,), init_deepspeed=True)
     assert message.startswith("log_dir:") and "is a file" in message
     assert not (tmp_path / "full").exists() or not any((tmp_path / "full").glob("global_step*"))
+
+
+def _check_foreign_data(rank, world_size, prefix, cache):
+    preflight.CACHE_FILE = cache
+    args = types.SimpleNamespace(data_path=prefix, train_data_paths=None, valid_data_paths=None,
+                                 test_data_paths=None, vocab_file="v.json", tokenizer_type="HFTokenizer")
+    try:
+        preflight.check_data_on_rank0(args, 4096)
+    except DataError as e:
+        return str(e)
+
+
+@pytest.mark.distributed
+def test_rank0_scans_the_data_and_every_rank_raises(tmp_path):
+    from distributed import run_distributed
+
+    prefix = str(tmp_path / "foreign")
+    _write_dataset(prefix, [[1, 9000]])
+    messages = run_distributed(_check_foreign_data, world_size=2, args=(prefix, str(tmp_path / "c.json")))
+    assert messages[0] == messages[1] and "token id 9000" in messages[0]
