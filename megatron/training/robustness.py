@@ -149,7 +149,7 @@ class NonFiniteLossGuard:
             return
         self.nan_iterations += 1
         self.consecutive += 1
-        log.warning("iteration %d: loss %s or gradients non-finite; step %s (%d in a row, tolerance %d)",
+        log.warning("iteration %d: non-finite loss or gradients (loss %s); step %s (%d in a row, tolerance %d)",
                     iteration, loss, "skipped" if skipped else "APPLIED", self.consecutive, self.tolerance)
         if self.consecutive >= self.tolerance:
             where = (f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint
