@@ -125,27 +125,6 @@ def test_nonfinite_on_one_rank_skips_on_all_tp2_and_pipeline():
             assert r["unchanged"] and r["trains_after"], (rank, name)
 
 
-def _pretrain(rank, world_size, overrides, poisoned_from):
-    from megatron.config import NeoXArgs
-    from megatron.training import loop, pretrain
-    from megatron.training.robustness import TrainingError
-
-    state = {"step": 0}
-    _poison_losses(set(range(poisoned_from - 1, 10**6)), state)
-    real_train_step = loop.train_step
-
-    def counting_train_step(trainer, batches, iteration, *args, **kwargs):
-        state["step"] = iteration
-        return real_train_step(trainer, batches, iteration, *args, **kwargs)
-
-    loop.train_step = counting_train_step
-    try:
-        pretrain(NeoXArgs.from_ymls([TINY], overrides=overrides))
-    except TrainingError as e:
-        return str(e)
-    return None
-
-
 def _all_finite(step_dir: Path) -> bool:
     for path in step_dir.glob("*model_states.pt"):
         sd = torch.load(path, weights_only=True)
@@ -155,23 +134,6 @@ def _all_finite(step_dir: Path) -> bool:
     return True
 
 
-def test_diverging_run_stops_naming_last_good_checkpoint_and_keeps_it(tmp_path):
-    overrides = tiny_overrides(tmp_path, checkpoint_factor=2, keep_last_n_checkpoints=2, nan_tolerance=3,
-                               train_iters=12, lr_decay_iters=12, log_interval=1)
-    (message,) = run_distributed(_pretrain, world_size=1, args=(overrides, 4), init_deepspeed=True)
-    # steps 4, 5, 6 are non-finite and skipped; the third stops the run before its save
-    assert message is not None and "3 consecutive non-finite steps ending at iteration 6" in message
-    save = tmp_path / "full"
-    latest = (save / "latest").read_text()
-    assert latest == "global_step4" and str(save / latest) in message
-    kept = sorted(p.name for p in save.iterdir() if p.name.startswith("global_step"))
-    assert kept == ["global_step2", "global_step4"]
-    assert all(_all_finite(save / name) for name in kept)
-    lines = [json.loads(line) for line in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()]
-    steps = {rec["iteration"]: rec for rec in lines if "train/skipped_iters" in rec}
-    assert steps[3]["train/skipped_iters"] == 0 and steps[5]["train/skipped_iters"] == 2
-
-
 def _cli(*override):
     env = dict(os.environ, PYTHONPATH=str(ROOT), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", WANDB_MODE="disabled")
     return subprocess.run([sys.executable, str(ROOT / "deepy.py"), str(ROOT / "train.py"), TINY, "--override",
@@ -179,13 +141,21 @@ def _cli(*override):
 
 
 @pytest.mark.slow
-def test_infinite_l2e_loss_weight_exits_nonzero_with_one_line(tmp_path):
-    overrides = tiny_overrides(tmp_path, nan_tolerance=2, checkpoint_factor=1, train_iters=6, lr_decay_iters=6)
-    overrides["l2e"] = {"loss_weight": ".inf"}
+def test_diverging_run_exits_nonzero_naming_the_kept_finite_checkpoint(tmp_path):
+    # l2e.loss_weight: .inf makes every gradient non-finite once L2E scores (step 2 on)
+    # while the lm loss stays finite: steps 2, 3, 4 are skipped, the third stops the run.
+    overrides = tiny_overrides(tmp_path, nan_tolerance=3, checkpoint_factor=1, keep_last_n_checkpoints=2,
+                               train_iters=10, lr_decay_iters=10, log_interval=1)
     flat = [f"{k}={json.dumps(v)}" for k, v in overrides.items() if k != "l2e"] + ["l2e.loss_weight=.inf"]
     result = _cli(*flat)
     assert result.returncode == 2, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "training diverged" in errors[0] and "global_step" in errors[0]
-    latest = (tmp_path / "full" / "latest").read_text()
-    assert _all_finite(tmp_path / "full" / latest)
+    save = tmp_path / "full"
+    assert len(errors) == 1 and "3 consecutive non-finite steps ending at iteration 4" in errors[0]
+    assert (save / "latest").read_text() == "global_step3" and str(save / "global_step3") in errors[0]
+    kept = sorted(p.name for p in save.iterdir() if p.name.startswith("global_step"))
+    assert kept == ["global_step2", "global_step3"]  # pruned to 2, never a NaN one
+    assert all(_all_finite(save / name) for name in kept)
+    records = [json.loads(line) for line in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()]
+    skipped = {r["iteration"]: r["train/skipped_iters"] for r in records if "train/skipped_iters" in r}
+    assert skipped[1] == 0 and skipped[3] == 2
