@@ -113,7 +113,8 @@ def rank_processes() -> list:
     ranks = []
     for proc in psutil.Process().children(recursive=True):
         try:
-            if "LOCAL_RANK" in proc.environ() and "LOCAL_RANK" not in proc.parent().environ():
+            parent = proc.parent()
+            if "LOCAL_RANK" in proc.environ() and (parent is None or "LOCAL_RANK" not in parent.environ()):
                 ranks.append(proc)
         except psutil.Error:  # exited meanwhile, or not ours to read
             continue
