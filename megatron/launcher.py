@@ -7,10 +7,12 @@ deepy passes (only non-default ones) and the encoded config. Without CUDA it run
 rank in this process, or N ranks through torchrun (DeepSpeed's CPU launcher counts NUMA
 nodes, not cores, so it would start a single rank).
 """
+import ctypes
 import logging
 import os
 import runpy
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -103,6 +105,72 @@ def run_in_process(script: str, argv: list[str]) -> int:
     return 0
 
 
+def rank_processes() -> list:
+    """This launcher's rank processes: descendants started with LOCAL_RANK set by a
+    parent without it (torchrun's or DeepSpeed's workers, not their own children)."""
+    import psutil
+
+    ranks = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            parent = proc.parent()
+            if "LOCAL_RANK" in proc.environ() and (parent is None or "LOCAL_RANK" not in parent.environ()):
+                ranks.append(proc)
+        except psutil.Error:  # exited meanwhile, or not ours to read
+            continue
+    return ranks
+
+
+class SignalForwarder:
+    """SIGTERM/SIGINT to the launcher -> SIGTERM to every rank; a second one kills them.
+
+    The ranks' PreemptionHandler then saves one checkpoint together and exits, and the
+    launcher keeps waiting for them. The ranks are signalled directly, not through
+    torchrun or DeepSpeed's launch.py: both SIGKILL their workers 30 s after passing a
+    signal on, too soon for a large checkpoint.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received = 0
+
+    def __enter__(self):
+        self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        import psutil
+
+        self.received += 1
+        name = signal.Signals(signum).name
+        if self.received > 1:
+            print(f"deepy: second {name}: killing the ranks without saving", file=sys.stderr, flush=True)
+            targets, forward = psutil.Process().children(recursive=True), signal.SIGKILL
+        else:
+            targets = rank_processes() or psutil.Process().children()
+            print(f"deepy: {name}: asking {len(targets)} rank(s) to save a checkpoint and exit "
+                  f"(send it again to stop them at once)", file=sys.stderr, flush=True)
+            forward = signal.SIGTERM
+        for proc in targets:
+            try:
+                proc.send_signal(forward)
+            except psutil.Error:
+                pass
+
+
+def _die_with_parent():
+    """In the child before exec: SIGTERM it when the launcher dies, even by SIGKILL, so
+    torchrun stops its ranks instead of leaving them training as orphans (Linux)."""
+    if sys.platform.startswith("linux"):
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def run_torchrun(script: str, argv: list[str], nproc: int) -> int:
     """N CPU ranks on this machine, one thread each (the measured fast setting)."""
     # The ranks import megatron from this checkout even when the script lives elsewhere.
@@ -110,7 +178,10 @@ def run_torchrun(script: str, argv: list[str], nproc: int) -> int:
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=path)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={nproc}", script, *argv]
-    return subprocess.run(cmd, env=env).returncode
+    # Its own session: a terminal's Ctrl-C reaches only us, and we pass it on (above).
+    with SignalForwarder():
+        proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+        return proc.wait()
 
 
 def main(argv=None) -> int:
@@ -122,11 +193,19 @@ def main(argv=None) -> int:
     args = load_from_namespace(ns)
     on_gpus = torch.cuda.is_available() or args.hostfile is not None
     args.configure_world(count_ranks(args, torch.cuda.device_count() if on_gpus else 1))
+    from megatron.training.robustness import check_extension_locks
+
+    check_extension_locks(single_node=args.hostfile is None)
+    if args.hostfile is None and os.path.basename(ns.script) == "train.py":  # ranks share our paths
+        from megatron.training.preflight import check_before_launch
+
+        check_before_launch(args)
     log.info("launching %s on %d rank(s)", ns.script, args.world_size)
     if on_gpus:
         from deepspeed.launcher import runner
 
-        return runner.main(build_launch_command(args, ns.script)) or 0
+        with SignalForwarder():  # multi-node pdsh: DeepSpeed's runner installs its own
+            return runner.main(build_launch_command(args, ns.script)) or 0
     rank_argv = [NEOX_CONFIG_FLAG, args.launch_argument()]
     if args.world_size == 1:
         return run_in_process(ns.script, rank_argv)

@@ -134,7 +134,7 @@ class TrainingArgs:
     checkpoint_num_layers: int = arg(1, "Blocks per activation-checkpoint chunk.")
     eod_mask_loss: bool = arg(False, "Do not train on predicting end-of-document tokens.")
     exit_interval: Optional[int] = arg(None, "Stop after this many iterations of this run.")
-    nan_tolerance: int = arg(10, "Consecutive non-finite losses tolerated before stopping.")
+    nan_tolerance: int = arg(10, "Consecutive non-finite (skipped) steps before the run stops.")
     finetune: bool = arg(False, "Load weights only; start at iteration 0.")
     deepspeed: bool = arg(True, "Train with DeepSpeed (always).", supported=(True,))
     deepspeed_extra_args: Optional[dict] = arg(None, "Extra keys merged into the DeepSpeed "

@@ -19,6 +19,8 @@ micro-batch a second time.
 from __future__ import annotations
 
 import contextlib
+import logging
+import math
 import time
 
 import torch
@@ -31,11 +33,20 @@ from megatron.l2e.metrics import LayerLog, gather_layer_sums, log_metrics
 from megatron.l2e.retrieval import Retrieval
 from megatron.l2e.statistics import RunningMoments
 
+log = logging.getLogger(__name__)
+
 
 def l2e_blocks(stage_blocks: dict[int, nn.Module], cfg, num_layers: int) -> dict[int, nn.Module]:
     """The blocks of this pipeline stage that ``cfg.layers`` selects (global indices)."""
     chosen = set(cfg.resolve_layers(num_layers))
     return {i: b for i, b in stage_blocks.items() if i in chosen}
+
+
+def _finite_marker(moments: RunningMoments) -> torch.Tensor:
+    """0 when the step's shifted sums are finite, NaN otherwise (summed over ranks with
+    the counts, so one all-reduce tells every rank)."""
+    total = moments.s1.sum() + moments.s2.sum()
+    return (total * 0).reshape(1).to(torch.float64)
 
 
 class _Site:
@@ -109,9 +120,16 @@ class L2E:
             s.log = LayerLog()
         self._hook_time = time.perf_counter() - self._t_begin
 
-    def end_step(self) -> dict[str, float]:
+    def end_step(self, commit: bool = True) -> dict[str, float]:
+        """Fold the step's statistics and selection counts into the running state and
+        move tau; ``commit=False`` (a skipped, non-finite step) drops them instead."""
         t0 = time.perf_counter()
         self._active = False
+        if not commit:
+            for s in self.sites.values():
+                s.moments.reset_batch()
+                s.retrieval.reset_step()
+            return {f"l2e/tau/layer_{i}": s.retrieval.tau for i, s in self.sites.items()}
         self._merge_step()
         metrics = {}
         for i, s in self.sites.items():
@@ -134,17 +152,25 @@ class L2E:
         sync = self.cfg.sync_stats and self.dp_group is not None
         parts = [t.flatten() for s in sites for t in (s.moments.s1, s.moments.s2)] if sync else []
         device = sites[0].moments.mean.device
-        # [layers, 4]: m, selected, samples, kth_sum
+        # [layers, 5]: m, selected, samples, kth_sum, finite (NaN when any sum is NaN/inf)
         counts = torch.stack([torch.cat([torch.tensor([float(s.moments.m)], dtype=torch.float64, device=device),
-                                         s.retrieval.counts(device)]) for s in sites])
+                                         s.retrieval.counts(device), _finite_marker(s.moments)]) for s in sites])
         flat = torch.cat(parts + [counts.flatten().float()]) if sync else counts.flatten()
         all_reduce_sum_(flat, self.dp_group)
         counts = flat[-counts.numel():].view_as(counts).double()
         if group_size(self.tp_group) > 1:
             counts[:, 1] = all_reduce_sum_(counts[:, 1].contiguous(), self.tp_group)
         offset = 0
-        for s, (m, selected, samples, kth_sum) in zip(sites, counts.tolist()):
+        for s, (m, selected, samples, kth_sum, finite) in zip(sites, counts.tolist()):
             mom = s.moments
+            if not math.isfinite(finite + kth_sum):
+                # NaN/inf activations: neither the running statistics nor tau may absorb them
+                log.warning("L2E layer %d: non-finite activations at iteration %d; step's statistics dropped",
+                            s.layer, self.iteration)
+                offset += 2 * mom.mean.numel() if sync else 0
+                mom.reset_batch()
+                s.retrieval.reset_step()
+                continue
             if sync:
                 numel = mom.mean.numel()
                 s1 = flat[offset:offset + numel].view_as(mom.mean)

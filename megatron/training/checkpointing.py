@@ -18,6 +18,7 @@ checkpoint; half-written ``*.tmp`` leftovers are swept at the next save.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import random
@@ -139,11 +140,16 @@ def _read_latest(directory: str) -> str | None:
 
 def _write_latest(directory: str, tag: str) -> None:
     tmp = os.path.join(directory, "latest" + TMP_SUFFIX)
-    with open(tmp, "w") as f:
-        f.write(tag)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(directory, "latest"))
+    try:
+        with open(tmp, "w") as f:
+            f.write(tag)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(directory, "latest"))
+    except OSError as e:
+        _remove(tmp)
+        raise CheckpointError(f"save: cannot point {directory}/latest at {tag} ({e.strerror}); "
+                              f"{tag} is complete: free space, then write its name into 'latest'") from None
 
 
 def _remove(path: str) -> None:
@@ -239,16 +245,21 @@ def save_checkpoint(args, iteration: int, engine, groups, l2e=None) -> str:
     _barrier()
 
     client_state = {"iteration": iteration, "args": _neox_args_summary(args)}
-    engine.save_checkpoint(directory, tag=tmp_tag, client_state=client_state, save_latest=False)
     tmp_dir = os.path.join(directory, tmp_tag)
-    extra = {
-        "iteration": iteration,
-        "rng": rng_state(),
-        "l2e": _weights_only_safe(l2e.state_dict()) if l2e is not None else None,
-    }
-    torch.save(extra, os.path.join(tmp_dir, extra_state_name(rank)))
-    if rank == 0:
-        _write_configs(args, tmp_dir)
+    try:
+        engine.save_checkpoint(directory, tag=tmp_tag, client_state=client_state, save_latest=False)
+        extra = {
+            "iteration": iteration,
+            "rng": rng_state(),
+            "l2e": _weights_only_safe(l2e.state_dict()) if l2e is not None else None,
+        }
+        torch.save(extra, os.path.join(tmp_dir, extra_state_name(rank)))
+        if rank == 0:
+            _write_configs(args, tmp_dir)
+        failure = None
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
+        failure = e
+    _raise_if_any_rank_failed(failure, directory, tag, tmp_dir, engine)
     _barrier()  # every rank's files are on disk before the tag becomes visible
 
     if rank == 0:
@@ -258,6 +269,51 @@ def save_checkpoint(args, iteration: int, engine, groups, l2e=None) -> str:
         print(f"saved checkpoint {os.path.join(directory, tag)}", flush=True)
     _barrier()
     return os.path.join(directory, tag)
+
+
+def _dir_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(path) for name in names)
+
+
+def _space_needed(directory: str, engine) -> int:
+    """About one checkpoint: the size of the newest one, else weights + Adam moments."""
+    tag = _read_latest(directory)
+    if tag and os.path.isdir(os.path.join(directory, tag)):
+        return _dir_bytes(os.path.join(directory, tag))
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    return world * sum(p.numel() * (p.element_size() + 8) for p in engine.module.parameters())
+
+
+def _is_disk_full(error: BaseException) -> bool:
+    return getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "file write failed" in str(error)
+
+
+def _raise_if_any_rank_failed(failure, directory: str, tag: str, tmp_dir: str, engine) -> None:
+    """Collective: when any rank could not write its files, every rank raises one
+    CheckpointError and rank 0 removes the partial ``.tmp`` dir (``latest`` and the
+    checkpoints before it are untouched)."""
+    failed = torch.tensor([float(failure is not None), float(failure is not None and _is_disk_full(failure))])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(failed)
+    if not failed[0]:
+        return
+    _barrier()  # nobody writes into tmp_dir any more
+    if _rank() == 0:
+        _remove(tmp_dir)
+    previous = _read_latest(directory)
+    kept = f"{os.path.join(directory, previous)} is intact" if previous else "no earlier checkpoint exists"
+    if failed[1]:
+        free = shutil.disk_usage(directory).free / 2**30
+        need = _space_needed(directory, engine) / 2**30
+        raise CheckpointError(f"save: disk full writing {tag} to {directory} ({free:.2f} GiB free, a checkpoint "
+                              f"needs about {need:.2f} GiB); free space there or point save at a larger "
+                              f"disk, then resume ({kept})") from None
+    if failure is None:
+        raise CheckpointError(f"save: another rank could not write {tag} to {directory}; see its error ({kept})")
+    if isinstance(failure, OSError):
+        raise CheckpointError(f"save: cannot write {tag} to {directory} ({failure.strerror}: "
+                              f"{failure.filename}); fix the directory, then resume ({kept})") from None
+    raise failure
 
 
 # ---------------------------------------------------------------------------

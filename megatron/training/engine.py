@@ -31,6 +31,7 @@ from megatron.parallel import (
 )
 from megatron.training.ds_config import build_ds_config
 from megatron.training.optimizer import AnnealingLR, build_optimizer
+from megatron.training.robustness import NonFiniteStepCheck
 
 
 class SequentialGPTNeoX(torch.nn.Module):
@@ -78,6 +79,7 @@ class Trainer:
     is_pipe: bool = False
     model: torch.nn.Module = None  # the whole model on this rank (for lm-eval); None if pipelined
     tp_group: object = None
+    step_check: object = None  # robustness.NonFiniteStepCheck: skips non-finite steps
 
 
 def _mark_for_grad_norm(model: torch.nn.Module, tp_rank: int, is_pipe: bool):
@@ -101,7 +103,7 @@ def _mark_for_grad_norm(model: torch.nn.Module, tp_rank: int, is_pipe: bool):
             p.model_parallel = True
 
 
-def _use_foreach_clipping(engine, optimizer):
+def _use_foreach_clipping(engine, optimizer, step_check):
     """Swap DeepSpeed's per-parameter python loops for torch's foreach kernels.
 
     Only for fp32, ZeRO-0, pp=0, tp=1, where DeepSpeed clips every local gradient by the
@@ -113,7 +115,11 @@ def _use_foreach_clipping(engine, optimizer):
     """
     params = [p for group in optimizer.param_groups for p in group["params"]]
     max_norm = engine.gradient_clipping()
-    engine.clip_fp32_gradients = lambda: torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+
+    def clip():  # its norm is also the one the non-finite check needs: computed once
+        step_check.known_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+
+    engine.clip_fp32_gradients = clip
 
 
 def _attach_l2e(args, stage_blocks: dict, groups):
@@ -165,9 +171,10 @@ def build_trainer(args, groups) -> Trainer:
         # Nothing to average over: skip DeepSpeed's flatten + all-reduce of every gradient
         # on a group of one (about 3% of a CPU step for the tiny model).
         engine.enable_backward_allreduce = False
+    step_check = NonFiniteStepCheck(engine)
     if groups.tp_size == 1 and not is_pipe and engine.zero_optimization_stage() == 0 and args.precision == "fp32":
-        _use_foreach_clipping(engine, optimizer)
+        _use_foreach_clipping(engine, optimizer, step_check)
     # A one-stage pipeline is still a plain callable model (pp=1, as in Pythia's configs).
     whole = not is_pipe or groups.pp_size == 1
-    return Trainer(engine=engine, l2e=l2e, is_pipe=is_pipe,
-                   model=model if whole else None, tp_group=tp_group)
+    return Trainer(engine=engine, l2e=l2e, is_pipe=is_pipe, model=model if whole else None,
+                   tp_group=tp_group, step_check=step_check)

@@ -30,6 +30,10 @@ def init_distributed():
         # A plain `python train.py` is a world of one; without these DeepSpeed tries MPI.
         os.environ.setdefault(key, default)
     if not dist.is_initialized():
+        from megatron.training.robustness import check_extension_locks
+
+        # DeepSpeed JIT-builds its CPU comm op here; a killed build's lock would hang us
+        check_extension_locks(single_node=os.environ["WORLD_SIZE"] == os.environ.get("LOCAL_WORLD_SIZE", "1"))
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
 
 
@@ -70,26 +74,39 @@ def loss_scale(engine) -> float:
 
 
 def train_step(trainer: Trainer, batches, iteration: int, dp_group=None, log: bool = False) -> dict:
-    """One optimizer step; returns ``lm_loss`` (dp-mean), ``skipped`` and any L2E metrics."""
-    engine = trainer.engine
+    """One optimizer step; returns ``lm_loss`` (dp-mean), ``skipped``, ``nonfinite`` and
+    any L2E metrics.
+
+    A step whose loss or gradients are NaN/inf on any rank is not applied
+    (``trainer.step_check``), and L2E drops that step's statistics; the loss comes back
+    from the same all-reduce, so the check costs no extra host sync.
+    """
+    engine, check = trainer.engine, trainer.step_check
     gas = engine.gradient_accumulation_steps()
     skipped_before = engine.skipped_steps
     if trainer.l2e is not None:
         trainer.l2e.begin_step(iteration, grad_scale=loss_scale(engine) / gas, log=log)
     if trainer.is_pipe:
+        check.begin_step(None)  # it reads the pipeline engine's own total_loss
         loss = float(engine.train_batch(data_iter=batches))  # already averaged over dp
     else:
         total = torch.zeros((), device=_device())
+        check.begin_step(total)
         for _ in range(gas):
             tokens, labels, loss_mask = next(batches)
             micro_loss = lm_loss(engine(tokens), labels, loss_mask, trainer.tp_group)
+            total += micro_loss.detach()  # before step(): the check reads it at the boundary
             engine.backward(micro_loss)
             engine.step()
-            total += micro_loss.detach()
-        loss = _dp_mean(total / gas, dp_group)
-    metrics = {"lm_loss": loss, "skipped": engine.skipped_steps > skipped_before}
+        loss_sum, _ = check.outcome()
+        # world sum / world size: tp ranks hold identical losses, so this is the dp mean
+        loss = loss_sum / (check.world_size * gas) if loss_sum is not None else _dp_mean(total / gas, dp_group)
+    skipped = engine.skipped_steps > skipped_before
+    # DeepSpeed's own skip outside fp16 (bf16, ZeRO) means a non-finite gradient norm
+    nonfinite = check.outcome()[1] or (skipped and not engine.fp16_enabled()) or not math.isfinite(loss)
+    metrics = {"lm_loss": loss, "skipped": skipped, "nonfinite": nonfinite}
     if trainer.l2e is not None:
-        metrics.update(trainer.l2e.end_step())
+        metrics.update(trainer.l2e.end_step(commit=not skipped))
     return metrics
 
 
@@ -131,7 +148,7 @@ def pretrain(args) -> dict:
     from megatron.data.data_utils import build_train_valid_test_datasets, make_data_iterator
     from megatron.parallel import ParallelGroups
     from megatron.tokenizer import build_tokenizer
-    from megatron.training import checkpointing, logging, robustness
+    from megatron.training import checkpointing, logging, preflight, robustness
 
     _check_runtime_settings(args)
     init_distributed()
@@ -140,7 +157,10 @@ def pretrain(args) -> dict:
     set_seeds(args.seed)
     tokenizer = build_tokenizer(args)
     args.set_vocab_size(tokenizer.vocab_size)
+    preflight.check_paths(args)
+    preflight.check_data_on_rank0(args, args.padded_vocab_size)
     trainer = build_trainer(args, groups)
+    preflight.check_disk_space(args, preflight.model_parameter_count(trainer.engine, groups.dp_size))
 
     iteration = checkpointing.load_checkpoint(args, trainer.engine, groups, l2e=trainer.l2e) if args.load else 0
     train_ds, valid_ds, _ = build_train_valid_test_datasets(args)
@@ -155,12 +175,15 @@ def pretrain(args) -> dict:
 
     logger = logging.MetricsLogger(args, groups)
     guard = robustness.NonFiniteLossGuard(args)
+    if iteration:
+        guard.last_checkpoint = os.path.join(args.load, checkpointing.checkpoint_tag(iteration))
     preemption = robustness.PreemptionHandler()
     losses, last_saved, start = [], None, iteration
 
     def save(at):
         nonlocal last_saved
-        checkpointing.save_checkpoint(args, at, trainer.engine, groups, l2e=trainer.l2e)
+        robustness.check_finite_weights(trainer.engine, at, guard.last_checkpoint)
+        guard.last_checkpoint = checkpointing.save_checkpoint(args, at, trainer.engine, groups, l2e=trainer.l2e)
         last_saved = at
 
     if iteration == 0 and checkpointing.should_save(args, 0):
@@ -171,7 +194,7 @@ def pretrain(args) -> dict:
             is_log_step = (iteration + 1) % args.log_interval == 0 or iteration + 1 == args.train_iters
             metrics = train_step(trainer, train_batches, iteration, groups.dp_group, log=is_log_step)
             iteration += 1
-            guard.check(iteration, metrics["lm_loss"], metrics["skipped"])
+            guard.check(iteration, metrics["lm_loss"], metrics["skipped"], metrics["nonfinite"])
             losses.append(metrics["lm_loss"])
             logger.log_step(iteration, _step_metrics(trainer, metrics, guard))
             if args.eval_interval and iteration % args.eval_interval == 0:
@@ -190,7 +213,8 @@ def pretrain(args) -> dict:
 
 def _step_metrics(trainer: Trainer, metrics: dict, guard) -> dict:
     """What MetricsLogger gets every step (it averages ``*_loss`` and adds runtime/*)."""
-    out = {("train/lm_loss" if k == "lm_loss" else k): v for k, v in metrics.items() if k != "skipped"}
+    out = {("train/lm_loss" if k == "lm_loss" else k): v for k, v in metrics.items()
+           if k not in ("skipped", "nonfinite")}
     out["train/learning_rate"] = trainer.engine.get_lr()[0]
     if trainer.engine.fp16_enabled():
         out["train/loss_scale"] = loss_scale(trainer.engine)

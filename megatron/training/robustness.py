@@ -1,9 +1,12 @@
 """Keeping long runs alive: non-finite losses and preemption signals."""
 from __future__ import annotations
 
+import glob
 import logging
 import math
+import os
 import signal
+import time
 
 import torch
 import torch.distributed as dist
@@ -17,14 +20,116 @@ class TrainingError(UserError):
     """Training diverged (persistent NaN/inf loss); lower lr, raise warmup or use bf16."""
 
 
-class NonFiniteLossGuard:
-    """Counts NaN/inf losses and stops a run that keeps producing them.
+class NonFiniteStepCheck:
+    """Skips every optimizer step whose loss or gradients are non-finite, on all ranks.
 
-    Under fp16 dynamic loss scaling an overflow is routine: DeepSpeed skips the
-    step and lowers the scale, so such steps are only counted. Elsewhere (fp32,
-    bf16, static fp16 scale) the step was not discarded, and ``nan_tolerance``
-    consecutive non-finite losses abort the run before a poisoned checkpoint is
-    written.
+    Installed on a DeepSpeed engine, it wraps the step of the torch optimizer DeepSpeed
+    drives (``engine.basic_optimizer``, which ZeRO, the bf16 wrapper and the pipeline
+    engine all call with the fp32 gradients in ``.grad``). Before that step it checks
+    the step's loss and the local gradient norm, sums [loss, non-finite flag] over the
+    whole world in one all-reduce (so every tp/pp/dp rank takes the same decision) and
+    reads both back in the step's single host sync: the loop reuses the summed loss
+    instead of syncing again. A bad step is not applied at all: no weight or Adam
+    moment/step-count update; the wrapped optimizer then reports ``overflow``, so
+    DeepSpeed counts it in ``skipped_steps`` and leaves the LR schedule where it was,
+    exactly as for an fp16 overflow. With fp32 and ZeRO 0 DeepSpeed has no check of its
+    own, so the gradient norm is checked here (the clipping's norm when it sets
+    ``known_norm``, else one foreach pass); with bf16, ZeRO 1/2 and fp16 DeepSpeed skips
+    non-finite gradient norms itself before calling the optimizer, and this check adds
+    the loss. ZeRO-3 steps its optimizer per parameter sub-group: the decision is taken
+    at the first one (the loss and that sub-group's gradients) and applied to all.
+    """
+
+    def __init__(self, engine):
+        self.engine = engine
+        self._loss = None  # this rank's summed micro-batch losses (a tensor), if any
+        self._decision = None  # (loss_sum, nonfinite) once taken this step
+        self._outcome = None
+        self.known_norm = None  # this step's gradient norm, when clipping computed it
+        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        inner, outer = engine.basic_optimizer, engine.optimizer
+        self.check_grads = outer is inner or engine.zero_optimization_stage() == 3
+        inner_step = inner.step
+
+        def checked_inner_step(*args, **kwargs):
+            if self._decide()[1]:
+                return None
+            return inner_step(*args, **kwargs)
+
+        inner.step = checked_inner_step
+        outer_step = outer.step  # the checked one when DeepSpeed uses ours directly
+
+        def flagging_outer_step(*args, **kwargs):
+            result = outer_step(*args, **kwargs)
+            decision, self._decision = self._decision, None
+            if decision is not None:
+                self._outcome = decision
+                if decision[1]:
+                    outer.overflow = True  # DeepSpeed: skipped_steps += 1, no LR step
+                elif outer is inner:
+                    outer.overflow = False
+            return result
+
+        outer.step = flagging_outer_step
+
+    def begin_step(self, loss: torch.Tensor | None) -> None:
+        """``loss``: a tensor the loop sums its micro-batch losses into (pp=0); the
+        pipeline engine's own ``total_loss`` is read when None."""
+        self._loss, self._outcome = loss, None
+
+    def outcome(self) -> tuple[float | None, bool]:
+        """(world sum of the step's loss or None, non-finite) of the last step; the
+        sum is None when DeepSpeed skipped the step before our check ran."""
+        return self._outcome if self._outcome is not None else (None, False)
+
+    def _decide(self) -> tuple[float, bool]:
+        if self._decision is not None:
+            return self._decision
+        loss = self._loss if self._loss is not None else getattr(self.engine, "total_loss", None)
+        if isinstance(loss, (list, tuple)):
+            loss = sum(loss)
+        grads = [p.grad for group in self.engine.basic_optimizer.param_groups
+                 for p in group["params"] if p.grad is not None]
+        device = grads[0].device if grads else torch.device("cpu")
+        norm, self.known_norm = self.known_norm, None
+        if norm is None:
+            checked = grads if self.check_grads else []
+            norm = torch.nn.utils.get_total_norm(checked) if checked else torch.zeros((), device=device)
+        loss_part = loss.detach().float().reshape(()).to(device) if loss is not None else torch.zeros((), device=device)
+        bad = (~torch.isfinite(norm.float())).float() + (~torch.isfinite(loss_part)).float()
+        both = torch.stack([loss_part, bad])
+        if self.world_size > 1:
+            dist.all_reduce(both)
+        loss_sum, bad_count = both.tolist()  # the step's one host sync
+        self._decision = (loss_sum, bad_count > 0)
+        return self._decision
+
+
+def check_finite_weights(engine, iteration: int, last_checkpoint: str | None) -> None:
+    """Refuse to checkpoint NaN/inf weights (collective: every rank checks its shard).
+
+    Skipped steps keep the weights finite; this catches what slips through (an fp16
+    static loss scale, a finite step that overflows the weights).
+    """
+    params = [p.detach() for p in engine.module.parameters()]
+    norm = torch.nn.utils.get_total_norm(params) if params else torch.zeros(())
+    bad = (~torch.isfinite(norm.float())).float()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(bad)
+    if bad.item():
+        where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written"
+        raise TrainingError(f"iteration {iteration}: the weights are NaN/inf, so no checkpoint was saved; "
+                            f"{where}. Resume from it with a lower lr / longer warmup")
+
+
+class NonFiniteLossGuard:
+    """Counts non-finite and skipped steps and stops a run that keeps producing them.
+
+    ``NonFiniteStepCheck`` already skipped a step whose loss or gradients were
+    non-finite, so the weights are still those of the last finite step; after
+    ``nan_tolerance`` such steps in a row the run stops with one line naming the last
+    good checkpoint (``last_checkpoint``, kept up to date by the loop). An fp16 loss
+    scaler's overflow skip is routine (the scale drops) and is only counted.
     """
 
     def __init__(self, args):
@@ -32,26 +137,27 @@ class NonFiniteLossGuard:
         self.consecutive = 0
         self.nan_iterations = 0
         self.skipped_iterations = 0
+        self.last_checkpoint = None
 
-    def check(self, iteration: int, loss, skipped_by_loss_scaler: bool) -> None:
-        loss = float(loss)
-        if skipped_by_loss_scaler:
-            self.skipped_iterations += 1
-        if math.isfinite(loss):
+    def check(self, iteration: int, loss, skipped: bool, nonfinite: bool = False) -> None:
+        """``skipped``: the step was not applied; ``nonfinite``: its loss or gradients
+        were NaN/inf (a non-finite ``loss`` counts as such too)."""
+        nonfinite = nonfinite or not math.isfinite(float(loss))
+        self.skipped_iterations += int(skipped)
+        if not nonfinite:
             self.consecutive = 0
             return
         self.nan_iterations += 1
-        if skipped_by_loss_scaler:
-            log.warning("iteration %d: loss is %s; fp16 loss scaler skipped the step", iteration, loss)
-            return
         self.consecutive += 1
-        log.warning("iteration %d: loss is %s (%d in a row, tolerance %d)",
-                    iteration, loss, self.consecutive, self.tolerance)
+        log.warning("iteration %d: non-finite loss or gradients (loss %s); step %s (%d in a row, tolerance %d)",
+                    iteration, loss, "skipped" if skipped else "APPLIED", self.consecutive, self.tolerance)
         if self.consecutive >= self.tolerance:
+            where = (f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint
+                     else "no checkpoint was written")
             raise TrainingError(
-                f"training diverged: loss was non-finite for {self.consecutive} consecutive "
-                f"iterations ending at iteration {iteration}; no checkpoint was written. "
-                f"Resume from the last checkpoint with a lower lr / longer warmup, or raise nan_tolerance"
+                f"training diverged: {self.consecutive} consecutive non-finite steps ending at "
+                f"iteration {iteration}; {where}. Resume from it with a lower lr / longer warmup, "
+                f"or raise nan_tolerance"
             )
 
     def metrics(self) -> dict:
@@ -61,19 +167,22 @@ class NonFiniteLossGuard:
 
 
 class PreemptionHandler:
-    """Turns SIGTERM (schedulers, k8s) and SIGUSR1 (slurm ``--signal``) into a flag.
+    """Turns SIGTERM (schedulers, k8s, deepy.py passing on its own), SIGINT (Ctrl-C)
+    and SIGUSR1 (slurm ``--signal``) into a flag; a second SIGINT stops at once.
 
     The loop polls :meth:`requested` once per step; because the signal may reach only
     some ranks, the flag is max-reduced so every rank saves and exits together.
     """
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
     def __init__(self):
         self.flag = False
         self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
     def _handle(self, signum, frame):
+        if signum == signal.SIGINT and self.flag:
+            raise KeyboardInterrupt
         log.warning("received %s: will save a checkpoint and exit after this step",
                     signal.Signals(signum).name)
         self.flag = True
@@ -91,3 +200,46 @@ class PreemptionHandler:
         """Restore the handlers that were installed before."""
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+class StaleBuildLockError(UserError):
+    """A torch-extensions build lock left by a killed build (every later build waits on it)."""
+
+
+# A build on this machine holds its lock file open; one on another node sharing the
+# cache (an NFS home) cannot be seen, so there only age tells, and no build takes an hour.
+LOCK_GRACE_S = 30
+LOCK_MAX_BUILD_S = 3600
+
+
+def _lock_holders(path: str) -> bool:
+    """True when a process on this machine has ``path`` open (Linux /proc)."""
+    real = os.path.realpath(path)
+    for fd_dir in glob.glob("/proc/[0-9]*/fd"):
+        try:
+            for fd in os.listdir(fd_dir):
+                if os.readlink(os.path.join(fd_dir, fd)) == real:
+                    return True
+        except OSError:  # gone, or not ours to read
+            continue
+    return False
+
+
+def check_extension_locks(root: str | None = None, single_node: bool = True) -> None:
+    """Fail with the file to delete instead of hanging on a DeepSpeed/torch JIT-build lock
+    (``<torch_extensions>/<python_device>/<op>/lock``) whose builder was killed."""
+    if root is None:
+        from torch.utils.cpp_extension import get_default_build_root
+
+        root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    can_see_holders = single_node and os.path.isdir("/proc")
+    for path in glob.glob(os.path.join(root, "*", "lock")) + glob.glob(os.path.join(root, "*", "*", "lock")):
+        try:
+            age = time.time() - os.path.getmtime(path)
+        except OSError:  # released meanwhile
+            continue
+        stale = age > LOCK_MAX_BUILD_S or (can_see_holders and age > LOCK_GRACE_S and not _lock_holders(path))
+        if stale and os.path.exists(path):
+            raise StaleBuildLockError(
+                f"{path}: a DeepSpeed op build was killed {age / 60:.0f} min ago and left this lock, on "
+                f"which every launch would hang; delete it (rm {path}) and launch again")

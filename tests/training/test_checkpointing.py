@@ -1,4 +1,5 @@
 """Atomic save / exact load of checkpoints, on a tiny in-process DeepSpeed engine."""
+import errno
 import multiprocessing
 import os
 import random
@@ -291,3 +292,40 @@ def test_process_killed_during_save_keeps_previous_checkpoint(tmp_path):
     assert os.path.isdir(os.path.join(save_dir, "global_step2.tmp"))  # it died mid-save
     saved_params = torch.load(os.path.join(save_dir, "params_at_1.pt"), weights_only=True)
     _assert_step1_survives_and_next_save_cleans_up(make_args(tmp_path), saved_params, make_engine())
+
+
+# ---------------------------------------------------------------------------
+# A full disk at save: one line naming the directory and the space needed, no .tmp left.
+
+
+def _disk_full_after(monkeypatch, writes: int, error):
+    real_save, calls = torch.save, {"n": 0}
+
+    def save(obj, f, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > writes:
+            raise error
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+
+
+@pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device"),
+                                   # what torch.save itself raises on a full disk
+                                   RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter "
+                                                "failed writing file data/0: file write failed")])
+def test_disk_full_at_save_is_one_line_and_leaves_no_tmp(tmp_path, monkeypatch, error):
+    args = make_args(tmp_path)
+    engine = make_engine()
+    train_step(engine)
+    ckpt.save_checkpoint(args, 1, engine, None)
+    train_step(engine)
+    _disk_full_after(monkeypatch, 1, error)  # the model states fit, the next file does not
+    with pytest.raises(CheckpointError) as err:
+        ckpt.save_checkpoint(args, 2, engine, None)
+    message = str(err.value)
+    assert "\n" not in message and f"disk full writing global_step2 to {args.save}" in message
+    assert "a checkpoint needs about" in message and "global_step1 is intact" in message
+    saved = tmp_path / "ckpt"
+    assert sorted(os.listdir(saved)) == ["global_step1", "latest"]
+    assert (saved / "latest").read_text() == "global_step1"

@@ -1,4 +1,5 @@
 """NaN guard and preemption signal handling."""
+import math
 import os
 import signal
 import types
@@ -13,33 +14,44 @@ from test_resume import TINY, tiny_overrides
 NAN = float("nan")
 
 
-def test_guard_raises_after_tolerance_consecutive_nans(caplog):
+def test_guard_raises_after_tolerance_consecutive_nonfinite_steps(caplog):
     guard = NonFiniteLossGuard(types.SimpleNamespace(nan_tolerance=3))
+    guard.last_checkpoint = "/ckpts/global_step1"
     for it, loss in enumerate([1.0, NAN, NAN, 2.0, NAN, float("inf")], start=1):
-        guard.check(it, loss, skipped_by_loss_scaler=False)  # a finite loss resets the run
+        guard.check(it, loss, skipped=not math.isfinite(loss))  # a finite step resets the run
     assert "iteration 2" in caplog.text
-    with pytest.raises(TrainingError, match="iteration 7") as err:
-        guard.check(7, NAN, skipped_by_loss_scaler=False)
+    with pytest.raises(TrainingError, match="iteration 7; the last good checkpoint is /ckpts/global_step1") as err:
+        guard.check(7, 1.0, skipped=True, nonfinite=True)  # finite loss, NaN gradients
     assert isinstance(err.value, UserError)
-    assert guard.metrics()["train/nan_iters"] == 5
+    assert guard.metrics() == {"train/skipped_iters": 5, "train/nan_iters": 5}
 
 
 def test_guard_counts_fp16_overflow_skips_without_raising():
     guard = NonFiniteLossGuard(types.SimpleNamespace(nan_tolerance=2))
     for it in range(1, 6):
-        guard.check(it, NAN, skipped_by_loss_scaler=True)
-    assert guard.metrics() == {"train/skipped_iters": 5, "train/nan_iters": 5}
+        guard.check(it, 3.0, skipped=True)  # the loss scaler's routine overflow skip
+    assert guard.metrics() == {"train/skipped_iters": 5, "train/nan_iters": 0}
 
 
-def test_sigterm_and_sigusr1_set_the_flag_and_close_restores():
+def test_sigterm_sigint_and_sigusr1_set_the_flag_and_close_restores():
     previous = signal.getsignal(signal.SIGTERM)
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
         handler = PreemptionHandler()
         assert not handler.requested()
         os.kill(os.getpid(), sig)
         assert handler.requested()
         handler.close()
     assert signal.getsignal(signal.SIGTERM) is previous
+
+
+def test_second_sigint_stops_at_once():
+    handler = PreemptionHandler()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        handler.close()
 
 
 def _one_rank_signalled(rank, world_size):
