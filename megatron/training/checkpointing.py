@@ -384,11 +384,8 @@ def _load_module_only(engine, ckpt_dir: str) -> None:
     """Weights from files in this run's own layout (same tp; layer files iff pipelined)."""
     module = engine.module
     if hasattr(module, "load_state_dir"):  # deepspeed.pipe.PipelineModule: layer_XX files
-        try:
-            module.load_state_dir(ckpt_dir, checkpoint_engine=engine.checkpoint_engine, strict=True)
-        except FileNotFoundError as e:
-            raise CheckpointError(f"load: {e.filename} is missing; the checkpoint is incomplete, "
-                                  f"load another 'iteration'") from e
+        _check_files_exist(_own_layer_files(engine, ckpt_dir))
+        module.load_state_dir(ckpt_dir, checkpoint_engine=engine.checkpoint_engine, strict=True)
     else:
         path = os.path.join(ckpt_dir, f"mp_rank_{engine.checkpoint_mp_rank:02d}_model_states.pt")
         _load_state_checked(module, files.load_torch(path)["module"], path)
@@ -503,16 +500,29 @@ def _load_other_layout(args, engine, groups, l2e, info, current: dict) -> int:
     )
 
 
-def _check_own_files(engine, directory: str, tag: str, load_optimizer: bool) -> None:
-    """The files DeepSpeed will read for this rank exist (DeepSpeed would start a fresh
-    optimizer without a word when a ZeRO shard is missing)."""
-    wanted = [engine._get_ckpt_name(directory, tag)]
-    if load_optimizer and engine.zero_optimization():
-        wanted.append(engine._get_zero_ckpt_name(directory, tag))
-    for path in wanted:
+def _check_files_exist(paths: list[str], hint: str = "") -> None:
+    for path in paths:
         if not os.path.isfile(path):
             raise CheckpointError(f"load: {path} is missing; the checkpoint is incomplete, load another "
-                                  f"'iteration' (or set no_load_optim: true if only optimizer files are lost)")
+                                  f"'iteration'{hint}")
+
+
+def _own_layer_files(engine, ckpt_dir: str) -> list[str]:
+    """The per-layer files this pipeline stage reads (DeepSpeed asserts without a name when one is missing)."""
+    module = engine.module
+    if not hasattr(module, "ckpt_layer_path"):
+        return []
+    return [module.ckpt_layer_path(ckpt_dir, i) for i, f in enumerate(module.forward_funcs)
+            if hasattr(f, "load_state_dict")]
+
+
+def _check_own_files(engine, directory: str, tag: str, load_optimizer: bool) -> None:
+    """The files DeepSpeed will read for this rank exist (it would start a fresh optimizer
+    without a word when a ZeRO shard is missing)."""
+    _check_files_exist([engine._get_ckpt_name(directory, tag), *_own_layer_files(engine, os.path.join(directory, tag))])
+    if load_optimizer and engine.zero_optimization():
+        _check_files_exist([engine._get_zero_ckpt_name(directory, tag)],
+                           " (or set no_load_optim: true to continue with a fresh optimizer)")
 
 
 def _restore_neox_rng(meta: dict) -> bool:
