@@ -134,7 +134,8 @@ class AnnealingLR:
             raise ConfigError(f"warmup={args.warmup} must be a fraction of lr_decay_iters in [0, 1)")
         warmup_iters = float(args.warmup or 0.0) * decay_iters
         return cls(optimizer, args.lr, args.min_lr or 0.0, warmup_iters, decay_iters, style,
-                   override=args.override_lr_scheduler, use_checkpoint=args.use_checkpoint_lr_scheduler)
+                   override=getattr(args, "override_lr_scheduler", False),
+                   use_checkpoint=getattr(args, "use_checkpoint_lr_scheduler", False))
 
     def start_at(self, num_iters: int, rewarmup_iters: int = 0):
         """Continue the schedule at ``num_iters`` (a load that brings no scheduler state)."""
@@ -171,17 +172,18 @@ class AnnealingLR:
         """NeoX's rule: the position always comes from the checkpoint; the settings must
         match the config unless ``override_lr_scheduler`` (the config's win) or
         ``use_checkpoint_lr_scheduler`` (the checkpoint's win) says which to take."""
-        for name, attr in self.SETTINGS.items():
-            saved, current = sd.get(name), getattr(self, attr)
-            if saved is None or saved == current or self.override:
-                continue
+        differing = {name: (sd[name], getattr(self, attr)) for name, attr in self.SETTINGS.items()
+                     if sd.get(name) is not None and sd[name] != getattr(self, attr)}
+        if differing and not self.override:
             if not self.use_checkpoint:
+                shown = ", ".join(f"{name} {saved} (config: {current})" for name, (saved, current) in differing.items())
                 raise CheckpointError(
-                    f"load: the checkpoint's LR schedule has {name}={saved}, the config gives {current}; "
-                    f"set override_lr_scheduler: true to use the config's schedule or "
-                    f"use_checkpoint_lr_scheduler: true to keep the checkpoint's"
+                    f"load: the checkpoint's LR schedule differs from the config's: {shown}; set "
+                    f"override_lr_scheduler: true to use the config's or use_checkpoint_lr_scheduler: true "
+                    f"to keep the checkpoint's"
                 )
-            setattr(self, attr, type(current)(saved))
+            for name, (saved, current) in differing.items():
+                setattr(self, self.SETTINGS[name], type(current)(saved))
         self.num_iters = int(sd["num_iters"])
         self.rewarmup_start = int(sd.get("rewarmup_start", 0))
         self.rewarmup_iters = int(sd.get("rewarmup_iters", 0))
