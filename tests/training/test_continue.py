@@ -9,6 +9,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 from distributed import run_distributed
 from test_resume import ROOT, TINY, tiny_overrides
 
@@ -38,6 +40,7 @@ def _close(a, b, rel=1e-5):
     return abs(a - b) <= rel * abs(b)
 
 
+@pytest.mark.slow
 def test_continue_at_step_5_from_hf_export_and_with_no_load_optim(tmp_path, capfd):
     common = dict(l2e={"enabled": False}, log_interval=1, checkpoint_factor=5)
     full = tiny_overrides(tmp_path, **common)
@@ -61,6 +64,9 @@ def test_continue_at_step_5_from_hf_export_and_with_no_load_optim(tmp_path, capf
         # Fresh Adam moments: the trajectories part after the first update.
         assert got[7]["train/lm_loss"] != ref[7]["train/lm_loss"], name
 
+    # The tokenizer travels: copied into every checkpoint, exported with the HF model.
+    assert (tmp_path / "full" / "global_step5" / "tokenizer" / "austen_bpe4k.json").is_file()
+    assert (tmp_path / "hf5" / "tokenizer.json").is_file()
     # Checkpoint numbering continues from 5, and the restored state is reported in one line.
     assert (tmp_path / "cont" / "latest").read_text() == "global_step10"
     hf_line = next(line for line in out.splitlines() if line.startswith(f"restored from {tmp_path}/hf5"))

@@ -16,6 +16,8 @@ import pytest
 from distributed import run_distributed
 from test_resume import ROOT, TINY, tiny_overrides
 
+pytestmark = pytest.mark.slow  # one real training run, then a resume attempt per case (~30 s)
+
 STEP = "global_step2"
 LAYER = "layer_03-model_00-model_states.pt"
 
