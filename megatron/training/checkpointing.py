@@ -326,7 +326,7 @@ class Restored:
     def line(self) -> str:
         return (f"restored from {self.source}: weights {self.weights}  optimizer {self.optimizer}  "
                 f"schedule at {self.schedule_at}  data at sample {self.samples:,}  "
-                f"L2E state {self.l2e}  rng {self.rng}; training continues at iteration {self.iteration + 1}")
+                f"L2E state {self.l2e}  rng {self.rng}")
 
 
 def _resolve_tag(args, directory: str) -> str | None:
