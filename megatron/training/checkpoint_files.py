@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megatron.errors import CheckpointError
+from megatron.errors import CheckpointError, UserError
 
 CHECKSUMS_FILE = "checksums.json"
 EXTRA_STATE_SUFFIX = "_extra_state.pt"
@@ -248,8 +248,25 @@ def read_checkpoint_info(ckpt_dir: str) -> CheckpointInfo:
                           has_optimizer=has_optimizer, has_rng=has_rng, meta=meta)
 
 
+# ModelConfig field -> (the NeoX key that sets it, its value in NeoX's terms): what the weights mean.
+ARCHITECTURE = {
+    "num_layers": ("num_layers", None), "hidden_size": ("hidden_size", None),
+    "num_heads": ("num_attention_heads", None), "vocab_size": ("padded_vocab_size", None),
+    "ffn_size": ("intermediate_size", None), "parallel_residual": ("gpt_j_residual", None),
+    "tie_embeddings": ("no_weight_tying", lambda tied: not tied), "rotary_pct": ("rotary_pct", None),
+    "rotary_base": ("rotary_emb_base", None), "gelu_tanh": ("bias_gelu_fusion", None),
+    "layernorm_eps": ("layernorm_epsilon", None),
+}
+
+
+def _shape_error(path: str, key: str, saved, current) -> CheckpointError:
+    return CheckpointError(f"load: {path} holds a model with {key}={saved}, the config asks for {current}; "
+                           f"load a checkpoint of this model or set {key}: {saved}")
+
+
 def check_model_shape(path: str, model_args: dict, args, saved_tp: int | None = None) -> None:
-    """Refuse, naming the dimension, a checkpoint of a model shaped unlike the config.
+    """Refuse, naming the dimension, a checkpoint of a model shaped unlike the config
+    (from NeoX's ``args`` summary in the mp_rank file).
 
     The padded vocabulary depends on the tensor-parallel size, so it is compared only
     when that is unchanged (a resharding load pads or trims it).
@@ -258,7 +275,31 @@ def check_model_shape(path: str, model_args: dict, args, saved_tp: int | None = 
     for key in SHAPE_KEYS if same_tp else SHAPE_KEYS[:-1]:
         saved, current = model_args.get(key), getattr(args, key, None)
         if saved is not None and current is not None and saved != current:
-            raise CheckpointError(
-                f"load: {path} holds a model with {key}={saved}, the config asks for {current}; "
-                f"load a checkpoint of this model or set {key}: {saved}"
-            )
+            raise _shape_error(path, key, saved, current)
+
+
+def check_architecture(path: str, saved, args, saved_tp: int | None = None) -> None:
+    """Refuse a checkpoint whose ModelConfig ``saved`` differs from the config's in anything
+    that changes what the weights mean (residual form, tying, rotary, GELU, widths)."""
+    if saved is None or not hasattr(args, "model_config"):
+        return
+    current = args.model_config()
+    same_tp = saved_tp in (None, getattr(args, "model_parallel_size", None))
+    for field, (key, to_neox) in ARCHITECTURE.items():
+        a, b = getattr(saved, field), getattr(current, field)
+        if a != b and (same_tp or field != "vocab_size"):
+            raise _shape_error(path, key, to_neox(a) if to_neox else a, to_neox(b) if to_neox else b)
+
+
+def saved_model_config(info: CheckpointInfo):
+    """The checkpoint's ModelConfig from its configs/ (None when it has none or they do not parse)."""
+    from megatron.config import NeoXArgs
+
+    try:
+        saved = NeoXArgs.from_config_dir(os.path.join(info.path, "configs"))
+    except UserError:
+        return None  # a partial configs/ (e.g. hand-written): the args summary check still applies
+    if saved is None or info.model_args.get("padded_vocab_size") is None:
+        return None
+    saved.padded_vocab_size = info.model_args["padded_vocab_size"]
+    return saved.model_config()

@@ -469,9 +469,7 @@ def _continue_from_hf(args, engine, groups, l2e) -> int:
 
     directory = args.load
     cfg, sd = read_hf_checkpoint(directory)
-    model_args = {"num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size,
-                  "num_attention_heads": cfg.num_heads, "padded_vocab_size": cfg.vocab_size}
-    files.check_model_shape(directory, model_args, args)
+    files.check_architecture(directory, cfg, args)
     _load_full_weights(engine, groups, sd, cfg.num_layers, directory)
     iteration = 0 if args.finetune else (args.iteration or 0)
     _start_schedule(args, engine, iteration)
@@ -637,6 +635,7 @@ def load_checkpoint(args, engine, groups, l2e=None) -> int:
     files.check_torch_files(ckpt_dir)
     info = files.read_checkpoint_info(ckpt_dir)
     files.check_model_shape(ckpt_dir, info.model_args, args, saved_tp=info.layout.get("tp"))
+    files.check_architecture(ckpt_dir, files.saved_model_config(info), args, saved_tp=info.layout.get("tp"))
 
     if args.finetune:
         return _continue_from_weights(args, engine, groups, l2e, info, 0)

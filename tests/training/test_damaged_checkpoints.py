@@ -6,6 +6,7 @@ One real tiny training run (pipelined, so the checkpoint has per-layer files, L2
 saves step 2; each case damages a copy of it and tries to resume from it.
 """
 import importlib.util
+import os
 import shutil
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from distributed import run_distributed
+from distributed import free_port, run_distributed
 from test_resume import ROOT, TINY, tiny_overrides
 
 pytestmark = pytest.mark.slow  # one real training run, then a resume attempt per case (~30 s)
@@ -44,6 +45,9 @@ CASES = [
      [f"{STEP}/rank_00000_extra_state.pt is missing", "no_load_rng: true"]),
     ("wrong hidden size", lambda step: None, {"hidden_size": 64},
      ["holds a model with hidden_size=32, the config asks for 64"]),
+    # Same shapes, other meaning: caught from the checkpoint's configs/.
+    ("other residual form", lambda step: None, {"gpt_j_residual": False},
+     ["holds a model with gpt_j_residual=True, the config asks for False"]),
 ]
 
 
@@ -118,8 +122,9 @@ def test_train_py_prints_the_error_as_one_line(damaged_messages):
     tmp, _ = damaged_messages
     overrides = {**_base(tmp, save=str(tmp / "cli_save"), train_iters=3), "load": str(tmp / "checksum")}
     argv = [f"{k}={v}" for k, v in overrides.items() if not isinstance(v, dict)]
+    env = {**os.environ, "MASTER_PORT": str(free_port()), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
     r = subprocess.run([sys.executable, str(ROOT / "train.py"), TINY, "--override", *argv, "l2e.enabled=false"],
-                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+                       capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
     assert r.returncode == 2, r.stderr[-2000:]
     assert "Traceback" not in r.stderr
     last = r.stderr.strip().splitlines()[-1]
