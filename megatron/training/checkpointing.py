@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 from megatron.errors import CheckpointError
 from megatron.training import checkpoint_files as files
+from megatron.training import load_weights as weights
 
 log = logging.getLogger(__name__)
 
@@ -373,75 +374,6 @@ def layout_differences(saved: dict, current: dict) -> list[str]:
             if saved.get(k) is not None and saved[k] != current[k]]
 
 
-def _refresh_master_weights(engine) -> None:
-    # ZeRO and mixed precision keep their own fp32 copy of the weights: refresh it, or the
-    # next step would write the old weights back.
-    if hasattr(engine.optimizer, "refresh_fp32_params"):
-        engine.optimizer.refresh_fp32_params()
-
-
-def _load_module_only(engine, ckpt_dir: str) -> None:
-    """Weights from files in this run's own layout (same tp; layer files iff pipelined)."""
-    module = engine.module
-    if hasattr(module, "load_state_dir"):  # deepspeed.pipe.PipelineModule: layer_XX files
-        _check_files_exist(_own_layer_files(engine, ckpt_dir))
-        module.load_state_dir(ckpt_dir, checkpoint_engine=engine.checkpoint_engine, strict=True)
-    else:
-        path = os.path.join(ckpt_dir, f"mp_rank_{engine.checkpoint_mp_rank:02d}_model_states.pt")
-        _load_state_checked(module, files.load_torch(path)["module"], path)
-    _refresh_master_weights(engine)
-
-
-def _load_state_checked(module, state: dict, source: str, strict: bool = True):
-    try:
-        return module.load_state_dict(state, strict=strict)
-    except RuntimeError as e:  # size mismatch / missing keys: name the first one
-        detail = " ".join(line.strip() for line in str(e).strip().splitlines()[1:3])
-        raise CheckpointError(f"load: {source} does not fit this model ({detail}); check the model "
-                              f"keys of the config against the checkpoint's configs/") from e
-
-
-def _load_full_weights(engine, groups, sd: dict, num_layers: int, source: str) -> None:
-    """Weights given as one full state dict (our GPTNeoX names) into this rank's shard.
-
-    Any layout: the tensor-parallel shard is cut here, and each pipeline stage takes its
-    own layers. Every rank holds the whole model in CPU memory meanwhile.
-    """
-    from megatron.checkpoint_format import model_to_layer_state_dicts, split_tp_shards
-    from megatron.parallel import layer_modules
-
-    tp = groups.tp_size if groups is not None else 1
-    shard = split_tp_shards(sd, tp)[groups.tp_rank] if tp > 1 else sd
-    layers = model_to_layer_state_dicts(shard, num_layers)
-    model = getattr(engine.module, "model", engine.module)  # SequentialGPTNeoX wraps the GPTNeoX
-    seen = set()
-    for idx, module in layer_modules(model).items():
-        if id(module) in seen:  # a tied head is the embedding module
-            continue
-        seen.add(id(module))
-        if idx not in layers:
-            raise CheckpointError(f"load: {source} has no weights for pipeline layer {idx}; it is incomplete")
-        result = _load_state_checked(module, layers[idx], f"{source} (layer {idx})", strict=False)
-        missing = [k for k in result.missing_keys if k in dict(module.named_parameters())]
-        if missing or result.unexpected_keys:
-            raise CheckpointError(f"load: {source} layer {idx} does not fit this model (missing {missing}, "
-                                  f"unexpected {result.unexpected_keys}); check the model keys of the config")
-    _refresh_master_weights(engine)
-
-
-def _load_weights(args, engine, groups, info) -> None:
-    """Weights only from a NeoX-layout checkpoint, whatever its tp and pipeline layout."""
-    pipelined_ckpt = any(n.startswith("layer_") for n in os.listdir(info.path))
-    same_tp = info.layout.get("tp") == (groups.tp_size if groups is not None else 1)
-    if same_tp and pipelined_ckpt == hasattr(engine.module, "load_state_dir"):
-        _load_module_only(engine, info.path)
-        return
-    from megatron.checkpoint_format import read_neox_checkpoint
-
-    _, sd = read_neox_checkpoint(info.path)
-    _load_full_weights(engine, groups, sd, args.num_layers, info.path)
-
-
 def _start_schedule(args, engine, iteration: int) -> None:
     """A load without scheduler state: the LR schedule continues at ``iteration``."""
     engine.global_steps = iteration
@@ -470,7 +402,7 @@ def _continue_from_hf(args, engine, groups, l2e) -> int:
     directory = args.load
     cfg, sd = read_hf_checkpoint(directory)
     files.check_architecture(directory, cfg, args)
-    _load_full_weights(engine, groups, sd, cfg.num_layers, directory)
+    weights.load_full_weights(engine, groups, sd, cfg.num_layers, directory)
     iteration = 0 if args.finetune else (args.iteration or 0)
     _start_schedule(args, engine, iteration)
     return _report(Restored(source=f"{directory} (HF)", iteration=iteration,
@@ -480,7 +412,7 @@ def _continue_from_hf(args, engine, groups, l2e) -> int:
 
 def _continue_from_weights(args, engine, groups, l2e, info, iteration: int) -> int:
     """Weights only (a converter's output, or ``finetune``), continued at ``iteration``."""
-    _load_weights(args, engine, groups, info)
+    weights.load_checkpoint_weights(args, engine, groups, info)
     _start_schedule(args, engine, iteration)
     return _report(Restored(source=info.path, iteration=iteration, samples=iteration * engine.train_batch_size(),
                             schedule_at=_schedule_position(engine, iteration), l2e=_new_l2e_state(l2e)))
@@ -498,28 +430,13 @@ def _load_other_layout(args, engine, groups, l2e, info, current: dict) -> int:
     )
 
 
-def _check_files_exist(paths: list[str], hint: str = "") -> None:
-    for path in paths:
-        if not os.path.isfile(path):
-            raise CheckpointError(f"load: {path} is missing; the checkpoint is incomplete, load another "
-                                  f"'iteration'{hint}")
-
-
-def _own_layer_files(engine, ckpt_dir: str) -> list[str]:
-    """The per-layer files this pipeline stage reads (DeepSpeed asserts without a name when one is missing)."""
-    module = engine.module
-    if not hasattr(module, "ckpt_layer_path"):
-        return []
-    return [module.ckpt_layer_path(ckpt_dir, i) for i, f in enumerate(module.forward_funcs)
-            if hasattr(f, "load_state_dict")]
-
-
 def _check_own_files(engine, directory: str, tag: str, load_optimizer: bool) -> None:
     """The files DeepSpeed will read for this rank exist (it would start a fresh optimizer
     without a word when a ZeRO shard is missing)."""
-    _check_files_exist([engine._get_ckpt_name(directory, tag), *_own_layer_files(engine, os.path.join(directory, tag))])
+    own_layers = weights.own_layer_files(engine, os.path.join(directory, tag))
+    weights.check_files_exist([engine._get_ckpt_name(directory, tag), *own_layers])
     if load_optimizer and engine.zero_optimization():
-        _check_files_exist([engine._get_zero_ckpt_name(directory, tag)],
+        weights.check_files_exist([engine._get_zero_ckpt_name(directory, tag)],
                            " (or set no_load_optim: true to continue with a fresh optimizer)")
 
 
@@ -567,7 +484,7 @@ def _resume(args, engine, l2e, info, directory: str, tag: str) -> int:
     if iteration is None:
         raise CheckpointError(f"load: {info.path} records no iteration; set 'iteration' or 'finetune: true'")
     if not load_optimizer:
-        _refresh_master_weights(engine)
+        weights.refresh_master_weights(engine)
         if hasattr(engine.lr_scheduler, "start_at"):  # fresh moments: the optional re-warm-up
             engine.lr_scheduler.start_at(engine.lr_scheduler.num_iters, getattr(args, "lr_rewarmup_iters", 0))
     restored = Restored(source=info.path, iteration=iteration, samples=iteration * engine.train_batch_size(),
