@@ -154,6 +154,11 @@ def torch_file_problem(path: str) -> str | None:
     return "is not a torch checkpoint file" if head else "is empty"
 
 
+def head_is_zip(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(2) == b"PK"
+
+
 def check_torch_files(ckpt_dir: str) -> None:
     for rel in checkpoint_files(ckpt_dir):
         if rel.endswith(".pt"):
@@ -164,16 +169,17 @@ def check_torch_files(ckpt_dir: str) -> None:
                                       f"'iteration'")
 
 
-def load_torch(path: str, trusted: bool = False):
+def load_torch(path: str, trusted: bool = False, mmap: bool = False):
     """``torch.load`` whose failures name the file. ``trusted``: the file may hold numpy
-    objects (NeoX's own RNG states), which weights-only unpickling refuses."""
+    objects (NeoX's own RNG states), which weights-only unpickling refuses. ``mmap``:
+    tensors are mapped, not read (for reading metadata out of a file full of weights)."""
     if not os.path.isfile(path):
         raise CheckpointError(f"load: {path} is missing; the checkpoint is incomplete, load another 'iteration'")
     problem = torch_file_problem(path)
     if problem:
         raise CheckpointError(f"load: {path} {problem}; restore it from a copy or load another 'iteration'")
     try:
-        return torch.load(path, map_location="cpu", weights_only=not trusted)
+        return torch.load(path, map_location="cpu", weights_only=not trusted, mmap=mmap and head_is_zip(path))
     except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"load: {path} cannot be read ({reason}); restore it or load another "
@@ -227,7 +233,7 @@ def read_checkpoint_info(ckpt_dir: str) -> CheckpointInfo:
         hint = "layer files but " if any(n.startswith("layer_") for n in names) else ""
         raise CheckpointError(f"load: {meta_path} is missing ({hint}no engine state); the checkpoint is "
                               f"incomplete, load another 'iteration'")
-    meta = load_torch(meta_path, trusted=True)
+    meta = load_torch(meta_path, trusted=True, mmap=True)  # at pp=0 it also holds all weights
     if not isinstance(meta, dict):
         raise CheckpointError(f"load: {meta_path} holds a {type(meta).__name__}, not a checkpoint dict")
     saved = meta.get(SAVED_STATE_KEY)

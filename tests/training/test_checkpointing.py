@@ -249,15 +249,18 @@ def test_weights_only_checkpoint_continues_at_its_iteration(tmp_path, zero_stage
     assert ckpt.load_checkpoint(args, make_engine(seed=6, zero_stage=zero_stage), None) == 0
 
 
-def test_no_save_optim_and_rng_are_honoured(tmp_path, capsys):
-    args, engine, step = _saved_at_4(tmp_path, no_save_optim=True, no_save_rng=True)
+@pytest.mark.parametrize("zero_stage", [0, 1])
+def test_no_save_optim_and_rng_are_honoured(tmp_path, capsys, zero_stage):
+    args, engine, step = _saved_at_4(tmp_path, zero_stage=zero_stage, no_save_optim=True, no_save_rng=True)
     meta = torch.load(step / "mp_rank_00_model_states.pt", weights_only=False)
     assert meta["optimizer"] is None and meta["neox_l2e_saved"] == {"optimizer": False, "rng": False}
+    assert not list(step.glob("*_optim_states.pt")) and engine.save_zero_checkpoint == (zero_stage > 0)
     assert torch.load(step / "rank_00000_extra_state.pt", weights_only=True)["rng"] is None
-    fresh = make_engine(seed=5)
+    fresh = make_engine(seed=5, zero_stage=zero_stage)
     assert ckpt.load_checkpoint(args, fresh, None) == 4
     assert all(torch.equal(a, b) for a, b in zip(params(fresh), params(engine)))
-    assert not fresh.optimizer.state_dict()["state"]  # moments start at zero
+    if zero_stage == 0:
+        assert not fresh.optimizer.state_dict()["state"]  # moments start at zero
     line = capsys.readouterr().out.splitlines()[-1]
     assert "weights ✓" in line and "optimizer ✗ (fresh: not in the checkpoint)" in line
     assert "rng ✗ (not saved)" in line and "data at sample 8" in line

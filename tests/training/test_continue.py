@@ -1,8 +1,8 @@
 """Continue at step N from weights only (NeoX's `iteration` semantics), and `no_load_optim`.
 
-One uninterrupted 10-step run saves at step 5; step 5 is exported to HF. A run that loads
-the HF directory with `iteration: 5`, and one that loads the full checkpoint with
-`no_load_optim: true`, both log at step 6 the uninterrupted run's loss (same weights,
+One uninterrupted 10-step run saves at step 5; step 5 is exported to HF. Runs that load
+the HF directory with `iteration: 5` (pp=0, and a one-stage pipeline), and one that loads
+the full checkpoint with `no_load_optim: true`, all log at step 6 the uninterrupted run's loss (same weights,
 same batch) and the same learning rates for steps 6-10 (the schedule continues at 5).
 """
 import importlib.util
@@ -22,13 +22,13 @@ def _convert_neox_to_hf(argv):
     module.main(argv)
 
 
-def _full_export_continue(rank, world_size, tmp, full, from_hf, no_optim):
+def _full_export_continue(rank, world_size, tmp, full, continued):
     from megatron.config import NeoXArgs
     from megatron.training import pretrain
 
     pretrain(NeoXArgs.from_ymls([TINY], overrides=full))
     _convert_neox_to_hf(["--input", f"{tmp}/full", "--iteration", "5", "--output", f"{tmp}/hf5"])
-    return [pretrain(NeoXArgs.from_ymls([TINY], overrides=o)) for o in (from_hf, no_optim)]
+    return [pretrain(NeoXArgs.from_ymls([TINY], overrides=o)) for o in continued]
 
 
 def _metrics(log_dir):
@@ -48,14 +48,19 @@ def test_continue_at_step_5_from_hf_export_and_with_no_load_optim(tmp_path, capf
     from_hf = tiny_overrides(tmp_path, **{**common, "l2e": tiny_overrides(tmp_path)["l2e"]},
                              load=str(tmp_path / "hf5"), iteration=5, save=str(tmp_path / "cont"),
                              log_dir=str(tmp_path / "logs_hf"))
+    # The HF weights go into any layout: here a one-stage DeepSpeed pipeline (layer modules).
+    from_hf_pipe = tiny_overrides(tmp_path, **common, load=str(tmp_path / "hf5"), iteration=5, save=None,
+                                  pipe_parallel_size=1, log_dir=str(tmp_path / "logs_hf_pipe"))
     no_optim = tiny_overrides(tmp_path, **common, load=str(tmp_path / "full"), iteration=5, no_load_optim=True,
                               save=None, log_dir=str(tmp_path / "logs_no_optim"))
-    hf_run, no_optim_run = run_distributed(_full_export_continue, world_size=1, init_deepspeed=True, timeout=600,
-                                           args=(str(tmp_path), full, from_hf, no_optim))[0]
+    hf_run, pipe_run, no_optim_run = run_distributed(_full_export_continue, world_size=1, init_deepspeed=True,
+                                                     timeout=600, args=(str(tmp_path), full,
+                                                                        [from_hf, from_hf_pipe, no_optim]))[0]
     out = capfd.readouterr().out
 
     ref = _metrics(tmp_path / "logs")
-    for name, run, log_dir in (("hf", hf_run, "logs_hf"), ("no_load_optim", no_optim_run, "logs_no_optim")):
+    for name, run, log_dir in (("hf", hf_run, "logs_hf"), ("hf into a pipeline", pipe_run, "logs_hf_pipe"),
+                               ("no_load_optim", no_optim_run, "logs_no_optim")):
         got = _metrics(tmp_path / log_dir)
         assert run["iteration"] == 10 and sorted(got) == [6, 7, 8, 9, 10], name
         assert _close(got[6]["train/lm_loss"], ref[6]["train/lm_loss"]), (name, got[6], ref[6])
