@@ -141,7 +141,8 @@ class TrainingArgs:
     eod_mask_loss: bool = arg(False, "Do not train on predicting end-of-document tokens.")
     exit_interval: Optional[int] = arg(None, "Stop after this many iterations of this run.")
     nan_tolerance: int = arg(10, "Consecutive non-finite losses tolerated before stopping.")
-    finetune: bool = arg(False, "Load weights only; start at iteration 0.")
+    finetune: bool = arg(False, "Load weights only; start at iteration 0 with a fresh "
+                                "optimizer, schedule, RNG and L2E state.")
     deepspeed: bool = arg(True, "Train with DeepSpeed (always).", supported=(True,))
     deepspeed_extra_args: Optional[dict] = arg(None, "Extra keys merged into the DeepSpeed "
                                                      "config.")
@@ -187,10 +188,13 @@ class CheckpointArgs:
     checkpoint_scale: Literal["linear", "log"] = arg("linear", "Save schedule.")
     extra_save_iters: Optional[list[int]] = arg(None, "Extra steps to save at.")
     keep_last_n_checkpoints: Optional[int] = arg(None, "Delete older checkpoints.")
-    no_save_optim: bool = arg(False, "Do not save optimizer state.")
-    no_save_rng: bool = arg(False, "Do not save RNG state.")
-    no_load_optim: bool = arg(False, "Do not load optimizer state.")
-    no_load_rng: bool = arg(False, "Do not load RNG state.")
+    no_save_optim: bool = arg(False, "Do not save optimizer state (a load of such a checkpoint "
+                                     "starts a fresh optimizer).")
+    no_save_rng: bool = arg(False, "Do not save RNG states.")
+    no_load_optim: bool = arg(False, "Start a fresh optimizer; the LR schedule still continues "
+                                     "at the checkpoint's step (NeoX restarts it).")
+    no_load_rng: bool = arg(False, "Do not restore RNG states (also resumes a checkpoint whose "
+                                   "per-rank extra state is lost; L2E state then starts new).")
     iteration: Optional[int] = arg(None, "Load this iteration instead of `latest`; with an "
                                          "HF directory as `load`, the step the weights are "
                                          "from (training continues at iteration + 1).")
