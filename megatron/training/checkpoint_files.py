@@ -4,10 +4,10 @@ Used by ``checkpointing.load_checkpoint`` before DeepSpeed reads anything, and b
 ``tools/ckpts/inspect_checkpoint.py``:
 
 * ``checksums.json``: sha256 of every file, written at save and checked at load
-  (``checkpoint_verify: false`` skips the check). sha256 runs at about 0.65 GB/s per
-  core (0.42 s for the 280 MB of 70M fp32 weights; about 1.3 s for 70M's whole state with
-  Adam moments), so the files are split round-robin over the ranks, each hashes its
-  share, and rank 0 merges; a save or load costs the largest share, not the sum.
+  (``checkpoint_verify: false`` skips the check). Hashing 70M's state (282 MB weights +
+  563 MB Adam moments) takes about 3 s on one core of the CI machine, as long as writing
+  it, so the files are split round-robin over the ranks, each hashes its share, and rank 0
+  merges; a save or load costs the largest share, not the sum.
 * a cheap structural test of every ``.pt`` file (a truncated zip has no central
   directory) so that a damaged file is named instead of DeepSpeed's "file is corrupted".
 * the kind of checkpoint (ours, NeoX-native, weights-only), its layout and model shape.
