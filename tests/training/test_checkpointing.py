@@ -190,7 +190,7 @@ def _rewrite_meta(step_dir, **changes):
         else:
             meta[key] = value
     torch.save(meta, path)
-    (step_dir / "checksums.json").unlink()
+    (step_dir / "checksums.json").unlink(missing_ok=True)
 
 
 def _optimizer_moments(engine):
@@ -398,3 +398,15 @@ def test_process_killed_during_save_keeps_previous_checkpoint(tmp_path):
     assert os.path.isdir(os.path.join(save_dir, "global_step2.tmp"))  # it died mid-save
     saved_params = torch.load(os.path.join(save_dir, "params_at_1.pt"), weights_only=True)
     _assert_step1_survives_and_next_save_cleans_up(make_args(tmp_path), saved_params, make_engine())
+
+
+def test_other_parallel_layout_is_named(tmp_path):
+    args, _, step = _saved_at_4(tmp_path)
+    # As a 2-rank data-parallel save records it (the client-state `layout` dict).
+    _rewrite_meta(step, layout={"tp": 1, "pp": 0, "dp": 2, "zero_stage": 0, "world_size": 2})
+    with pytest.raises(CheckpointError, match=r"another parallel layout \(dp 2->1, world_size 2->1\).*finetune"):
+        ckpt.load_checkpoint(args, make_engine(seed=5), None)
+    # Without the dict, the layout is read from the files: DeepSpeed's mp/dp sizes.
+    _rewrite_meta(step, layout=None, mp_world_size=2)
+    with pytest.raises(CheckpointError, match=r"another parallel layout \(tp 2->1\)"):
+        ckpt.load_checkpoint(args, make_engine(seed=5), None)
