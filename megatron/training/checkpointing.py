@@ -415,6 +415,7 @@ def _continue_from_weights(args, engine, groups, l2e, info, iteration: int) -> i
     weights.load_checkpoint_weights(args, engine, groups, info)
     _start_schedule(args, engine, iteration)
     return _report(Restored(source=info.path, iteration=iteration, samples=iteration * engine.train_batch_size(),
+                            weights="✓ (finetune: weights only)" if args.finetune else "✓",
                             schedule_at=_schedule_position(engine, iteration), l2e=_new_l2e_state(l2e)))
 
 
@@ -437,7 +438,7 @@ def _check_own_files(engine, directory: str, tag: str, load_optimizer: bool) -> 
     weights.check_files_exist([engine._get_ckpt_name(directory, tag), *own_layers])
     if load_optimizer and engine.zero_optimization():
         weights.check_files_exist([engine._get_zero_ckpt_name(directory, tag)],
-                           " (or set no_load_optim: true to continue with a fresh optimizer)")
+                                  " (or set no_load_optim: true to continue with a fresh optimizer)")
 
 
 def _restore_neox_rng(meta: dict) -> bool:
