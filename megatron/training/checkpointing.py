@@ -400,6 +400,7 @@ def _continue_from_hf(args, engine, groups, l2e) -> int:
     from megatron.model.hf import read_hf_checkpoint
 
     directory = args.load
+    _refuse_older_source(args, args.iteration)
     cfg, sd = read_hf_checkpoint(directory)
     files.check_architecture(directory, cfg, args)
     weights.load_full_weights(engine, groups, sd, cfg.num_layers, directory)
@@ -417,6 +418,22 @@ def _continue_from_weights(args, engine, groups, l2e, info, iteration: int) -> i
     return _report(Restored(source=info.path, iteration=iteration, samples=iteration * engine.train_batch_size(),
                             weights="✓ (finetune: weights only)" if args.finetune else "✓",
                             schedule_at=_schedule_position(engine, iteration), l2e=_new_l2e_state(l2e)))
+
+
+def _refuse_older_source(args, iteration: int | None) -> None:
+    """A requeued job whose ``load`` still names its starting point (an HF directory, a
+    converted or an older checkpoint) would retrain and re-save over its own newer
+    checkpoints in ``save``: refuse, pointing at them."""
+    save = getattr(args, "save", None)
+    if args.finetune or not save or os.path.abspath(save) == os.path.abspath(args.load) or not os.path.isdir(save):
+        return
+    tag = _read_latest(save)
+    match = _TAG_RE.match(tag or "")
+    if match and int(match.group(1)) > (iteration or 0):
+        raise CheckpointError(
+            f"load: 'save' {save} already holds {tag}, newer than step {iteration or 0} loaded from {args.load}; "
+            f"set load: {save} to resume it, or give this run another 'save' directory"
+        )
 
 
 def _load_other_layout(args, engine, groups, l2e, info, current: dict) -> int:
@@ -554,6 +571,7 @@ def load_checkpoint(args, engine, groups, l2e=None) -> int:
     info = files.read_checkpoint_info(ckpt_dir)
     files.check_model_shape(ckpt_dir, info.model_args, args, saved_tp=info.layout.get("tp"))
     files.check_architecture(ckpt_dir, files.saved_model_config(info), args, saved_tp=info.layout.get("tp"))
+    _refuse_older_source(args, info.iteration)
 
     if args.finetune:
         return _continue_from_weights(args, engine, groups, l2e, info, 0)

@@ -410,3 +410,13 @@ def test_other_parallel_layout_is_named(tmp_path):
     _rewrite_meta(step, layout=None, mp_world_size=2)
     with pytest.raises(CheckpointError, match=r"another parallel layout \(tp 2->1\)"):
         ckpt.load_checkpoint(args, make_engine(seed=5), None)
+
+
+def test_requeued_job_does_not_retrain_over_its_newer_checkpoints(tmp_path):
+    args, engine, _ = _saved_at_4(tmp_path)  # the starting point, e.g. a converted step 4
+    args.save = str(tmp_path / "run")
+    ckpt.save_checkpoint(args, 6, engine, None)  # the run got to step 6 before being requeued
+    with pytest.raises(CheckpointError, match=r"already holds global_step6, newer than step 4.*set load: .*run"):
+        ckpt.load_checkpoint(args, make_engine(seed=5), None)
+    args.load = args.save
+    assert ckpt.load_checkpoint(args, make_engine(seed=5), None) == 6
