@@ -105,7 +105,7 @@ def resolve_tokenizer_path(path, *directories):
     copy (what checkpoints carry). Unchanged when nothing is found, so the error names it."""
     if not path or os.path.isfile(path):
         return path
-    candidates = [] if os.path.isabs(path) else [os.path.join(d, path) for d in directories]
+    candidates = [] if os.path.isabs(path) else [os.path.normpath(os.path.join(d, path)) for d in directories]
     candidates += [os.path.join(d, CHECKPOINT_TOKENIZER_DIR, os.path.basename(path)) for d in directories]
     return next((c for c in candidates if os.path.isfile(c)), path)
 
