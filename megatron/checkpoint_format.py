@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from megatron.checkpoint_files import write_checksums
 from megatron.errors import CheckpointError
 from megatron.model import GPTNeoX, ModelConfig
 from megatron.model.hf import read_hf_checkpoint
@@ -240,8 +241,6 @@ def save_neox_checkpoint(save_dir, sd: dict, cfg: ModelConfig, iteration: int, *
     for name, source in (extra_files or {}).items():
         (tmp / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, tmp / name)
-    from megatron.training.checkpoint_files import write_checksums
-
     write_checksums(str(tmp))
     os.rename(tmp, save_dir / tag)
     latest = save_dir / "latest"

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from megatron.errors import CheckpointError
-from megatron.training import checkpoint_files as files
+from megatron import checkpoint_files as files
 from megatron.training import load_weights as weights
 
 log = logging.getLogger(__name__)

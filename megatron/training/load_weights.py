@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 
 from megatron.errors import CheckpointError
-from megatron.training import checkpoint_files as files
+from megatron import checkpoint_files as files
 
 
 def refresh_master_weights(engine) -> None:

@@ -21,7 +21,7 @@ from megatron.checkpoint_format import (  # noqa: E402
     LAYER_FILE, MP_FILE, checkpoint_neox_args, layer_prefixes, resolve_step_dir,
 )
 from megatron.errors import UserError, cli_main  # noqa: E402
-from megatron.training import checkpoint_files as files  # noqa: E402
+from megatron import checkpoint_files as files  # noqa: E402
 
 KIND_TEXT = {
     "full": "neox-l2e checkpoint: weights, optimizer, LR schedule, RNG, L2E state, data position",

@@ -1,6 +1,7 @@
 """What a checkpoint directory holds, and whether it is intact.
 
-Used by ``checkpointing.load_checkpoint`` before DeepSpeed reads anything, and by
+Used by ``megatron.training.checkpointing`` (at save, and before DeepSpeed reads anything at
+load), by the converters (``checkpoint_format.save_neox_checkpoint``) and by
 ``tools/ckpts/inspect_checkpoint.py``:
 
 * ``checksums.json``: sha256 of every file, written at save and checked at load
