@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from megatron.checkpoint_files import write_checksums
 from megatron.errors import CheckpointError
 from megatron.model import GPTNeoX, ModelConfig
 from megatron.model.hf import read_hf_checkpoint
@@ -182,28 +183,46 @@ def neox_model_yaml(cfg: ModelConfig, *, tp: int = 1, pp: int = 1, make_vocab_si
     return yaml.safe_dump({k.replace("_", "-"): v for k, v in keys.items()}, sort_keys=False)
 
 
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Move a fully written directory into place; an older copy is removed only afterwards."""
-    old = final.with_name(f".{final.name}.old-{os.getpid()}")
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+def existing_checkpoints(directory) -> list[str]:
+    """What in ``directory`` marks it as holding checkpoints: ``latest`` and global_stepN dirs."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(p.name for p in directory.iterdir() if p.name == "latest" or STEP_DIR.match(p.name))
+
+
+def check_output_free(save_dir, iteration: int, force: bool = False) -> None:
+    """A converter never damages a run: refuse a directory holding checkpoints (unless
+    ``force``) and, always, an existing global_step{iteration}."""
+    save_dir = Path(save_dir)
+    existing = existing_checkpoints(save_dir)
+    if existing and not force:
+        raise CheckpointError(f"{save_dir} already holds checkpoints ({', '.join(existing[:4])}); write to a "
+                              f"new directory, or pass --force to add global_step{iteration} beside them")
+    if (save_dir / f"global_step{iteration}").exists():
+        raise CheckpointError(f"{save_dir / f'global_step{iteration}'} already exists and is never overwritten; "
+                              f"pick another --iteration or --output")
 
 
 def save_neox_checkpoint(save_dir, sd: dict, cfg: ModelConfig, iteration: int, *, tp: int = 1,
                          layout: str = "layers", args: dict | None = None,
-                         config_files: dict[str, str] | None = None) -> Path:  # fmt: skip
+                         config_files: dict[str, str] | None = None,
+                         extra_files: dict[str, Path] | None = None, force: bool = False) -> Path:  # fmt: skip
     """Write `save_dir/global_step{iteration}` in NeoX's layout and point `latest` at it.
 
     layout "layers" writes per-layer files (NeoX with pp >= 1); "sequential" writes the
     pp=0 layout (`module` with `sequential.{idx}.` keys inside each mp_rank file).
-    Everything is written to a temporary directory first, so a crash leaves no half checkpoint.
+    ``extra_files`` (relative name -> source) are copied in, e.g. the tokenizer.
+    Everything is written to a temporary directory first, so a crash leaves no half
+    checkpoint. A directory already holding checkpoints is refused unless ``force``; even
+    then an existing global_stepN is never replaced and an existing `latest` never touched.
     """
     if layout not in ("layers", "sequential"):
         raise ValueError(f"layout must be 'layers' or 'sequential', not {layout!r}")
     save_dir = Path(save_dir)
     tag = f"global_step{iteration}"
+    check_output_free(save_dir, iteration, force)
+    save_dir.mkdir(parents=True, exist_ok=True)
     tmp = save_dir / f".{tag}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "configs").mkdir(parents=True)
@@ -219,10 +238,16 @@ def save_neox_checkpoint(save_dir, sd: dict, cfg: ModelConfig, iteration: int, *
         torch.save(meta, tmp / MP_FILE.format(tp=rank))
     for name, text in (config_files or {}).items():
         (tmp / "configs" / name).write_text(text)
-    _replace_dir(tmp, save_dir / tag)
-    latest_tmp = save_dir / f".latest.tmp-{os.getpid()}"
-    latest_tmp.write_text(tag)
-    os.replace(latest_tmp, save_dir / "latest")
+    for name, source in (extra_files or {}).items():
+        (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, tmp / name)
+    write_checksums(str(tmp))
+    os.rename(tmp, save_dir / tag)
+    latest = save_dir / "latest"
+    if not latest.exists():
+        latest_tmp = save_dir / f".latest.tmp-{os.getpid()}"
+        latest_tmp.write_text(tag)
+        os.replace(latest_tmp, latest)
     return save_dir / tag
 
 

@@ -34,6 +34,7 @@ OVERRIDES_FILE = "command_line_overrides.yml"
 log = logging.getLogger(__name__)
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu",
               "gradient_accumulation_steps")
+TOKENIZER_PATH_KEYS = ("vocab_file", "merge_file")
 REQUIRED_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "seq_length")
 _warned_no_ops: set = set()
 
@@ -73,6 +74,7 @@ class NeoXArgs(ModelArgs, ParallelArgs, OptimizerArgs, TrainingArgs, DataArgs,
         checkpoint's ``configs/`` folder rebuilds exactly the run's arguments.
         """
         values, sources, texts = merge_yamls(paths)
+        _resolve_tokenizer_paths(values, sources)
         for key, value in (overrides or {}).items():
             top, *path = normalize_key(key).split(".")
             values[top] = _set_nested(values.get(top), path, value, key) if path else value
@@ -90,7 +92,12 @@ class NeoXArgs(ModelArgs, ParallelArgs, OptimizerArgs, TrainingArgs, DataArgs,
             return None
         overrides_path = folder / OVERRIDES_FILE
         overrides = yaml.safe_load(overrides_path.read_text()) if overrides_path.is_file() else None
-        return cls.from_ymls([str(p) for p in files], overrides=overrides)
+        args = cls.from_ymls([str(p) for p in files], overrides=overrides)
+        from megatron.tokenizer import resolve_tokenizer_path
+
+        for key in TOKENIZER_PATH_KEYS:  # else the copy the checkpoint carries (global_stepN/tokenizer/)
+            setattr(args, key, resolve_tokenizer_path(getattr(args, key), str(folder.parent)))
+        return args
 
     @classmethod
     def from_dict(cls, d: dict, config_files: dict | None = None) -> "NeoXArgs":
@@ -369,6 +376,16 @@ class NeoXArgs(ModelArgs, ParallelArgs, OptimizerArgs, TrainingArgs, DataArgs,
         return consume(argv)
 
     consume_neox_args = consume_launch_args  # GPT-NeoX's name for the same step
+
+
+def _resolve_tokenizer_paths(values: dict, sources: dict) -> None:
+    """A relative tokenizer path that does not exist from the working directory is taken
+    relative to the config file that sets it, so configs can travel with their tokenizer."""
+    from megatron.tokenizer import resolve_tokenizer_path
+
+    for key in TOKENIZER_PATH_KEYS:
+        if isinstance(values.get(key), str):
+            values[key] = resolve_tokenizer_path(values[key], str(Path(sources[key]).parent))
 
 
 def _check_supported(key: str, value, field, source: str) -> None:

@@ -108,8 +108,14 @@ class OptimizerArgs:
     lr_decay_iters: Optional[int] = arg(None, "Decay length; null means train_iters.")
     lr_decay_fraction: Optional[float] = arg(None, "Decay length as a fraction of train_iters.")
     warmup: float = arg(0.01, "Warmup steps as a fraction of the decay iterations.")
-    override_lr_scheduler: bool = arg(False, "Ignore the scheduler state in the checkpoint.")
-    use_checkpoint_lr_scheduler: bool = arg(False, "Take scheduler settings from the checkpoint.")
+    override_lr_scheduler: bool = arg(False, "Take lr, min_lr, warmup, decay length and style "
+                                             "from the config when they differ from the "
+                                             "checkpoint's (the position is still restored).")
+    use_checkpoint_lr_scheduler: bool = arg(False, "Take those schedule settings from the "
+                                                   "checkpoint instead of the config.")
+    lr_rewarmup_iters: int = arg(0, "Ours: after loading weights without optimizer state at "
+                                    "step N > 0, ramp the scheduled lr linearly from 0 over "
+                                    "this many steps (0: continue the schedule unchanged).")
     weight_decay: float = arg(0.1, "Decoupled weight decay (not on biases and norms).")
     gradient_clipping: float = arg(1.0, "Global gradient-norm clip.")
     zero_optimization: Optional[dict] = arg(None, "DeepSpeed ZeRO config dict.")
@@ -135,7 +141,8 @@ class TrainingArgs:
     eod_mask_loss: bool = arg(False, "Do not train on predicting end-of-document tokens.")
     exit_interval: Optional[int] = arg(None, "Stop after this many iterations of this run.")
     nan_tolerance: int = arg(10, "Consecutive non-finite (skipped) steps before the run stops.")
-    finetune: bool = arg(False, "Load weights only; start at iteration 0.")
+    finetune: bool = arg(False, "Load weights only; start at iteration 0 with a fresh "
+                                "optimizer, schedule, RNG and L2E state.")
     deepspeed: bool = arg(True, "Train with DeepSpeed (always).", supported=(True,))
     deepspeed_extra_args: Optional[dict] = arg(None, "Extra keys merged into the DeepSpeed "
                                                      "config.")
@@ -181,11 +188,18 @@ class CheckpointArgs:
     checkpoint_scale: Literal["linear", "log"] = arg("linear", "Save schedule.")
     extra_save_iters: Optional[list[int]] = arg(None, "Extra steps to save at.")
     keep_last_n_checkpoints: Optional[int] = arg(None, "Delete older checkpoints.")
-    no_save_optim: bool = arg(False, "Do not save optimizer state.")
-    no_save_rng: bool = arg(False, "Do not save RNG state.")
-    no_load_optim: bool = arg(False, "Do not load optimizer state.")
-    no_load_rng: bool = arg(False, "Do not load RNG state.")
-    iteration: Optional[int] = arg(None, "Load this iteration instead of `latest`.")
+    no_save_optim: bool = arg(False, "Do not save optimizer state (a load of such a checkpoint "
+                                     "starts a fresh optimizer).")
+    no_save_rng: bool = arg(False, "Do not save RNG states.")
+    no_load_optim: bool = arg(False, "Start a fresh optimizer; the LR schedule still continues "
+                                     "at the checkpoint's step (NeoX restarts it).")
+    no_load_rng: bool = arg(False, "Do not restore RNG states (also resumes a checkpoint whose "
+                                   "per-rank extra state is lost; L2E state then starts new).")
+    iteration: Optional[int] = arg(None, "Load this iteration instead of `latest`; with an "
+                                         "HF directory as `load`, the step the weights are "
+                                         "from (training continues at iteration + 1).")
+    checkpoint_verify: bool = arg(True, "Ours: check every file of a checkpoint against its "
+                                        "checksums.json before loading it.")
     config_files: Optional[dict] = arg(None, "Raw YAML texts by file name; filled by the "
                                              "loader and saved in every checkpoint.")
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import torch
@@ -162,12 +161,3 @@ def special_tokens(tokenizer_file) -> dict:
     if tok.token_to_id("<|padding|>") is not None:
         out["pad_token"] = "<|padding|>"
     return out
-
-
-def copy_hf_tokenizer(hf_dir, destination) -> Path | None:
-    """Copy an HF directory's tokenizer.json next to a NeoX checkpoint; None when it has none."""
-    source = Path(hf_dir) / "tokenizer.json"
-    if not source.is_file():
-        return None
-    shutil.copyfile(source, destination)
-    return Path(destination)

@@ -1,3 +1,3 @@
-from megatron.tokenizer.tokenizer import build_tokenizer
+from megatron.tokenizer.tokenizer import build_tokenizer, resolve_tokenizer_path, tokenizer_files
 
-__all__ = ["build_tokenizer"]
+__all__ = ["build_tokenizer", "resolve_tokenizer_path", "tokenizer_files"]

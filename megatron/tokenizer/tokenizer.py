@@ -93,9 +93,56 @@ class CharLevelTokenizer:
         return bytes(i for i in ids if 0 < i < 256).decode("utf-8", errors="replace")
 
 
+# Which keys name the files of each tokenizer type.
+TOKENIZER_FILE_KEYS = {"hftokenizer": ("vocab_file",), "gpt2bpetokenizer": ("vocab_file", "merge_file")}
+# Where a checkpoint keeps copies of its tokenizer files (megatron.training.checkpointing).
+CHECKPOINT_TOKENIZER_DIR = "tokenizer"
+
+
+def resolve_tokenizer_path(path, *directories):
+    """``path`` as given when it exists (from the working directory); else, if relative, the
+    first of ``directories`` holding it; else the first ``directories/tokenizer/<name>``
+    copy (what checkpoints carry). Unchanged when nothing is found, so the error names it."""
+    if not path or os.path.isfile(path):
+        return path
+    candidates = [] if os.path.isabs(path) else [os.path.normpath(os.path.join(d, path)) for d in directories]
+    candidates += [os.path.join(d, CHECKPOINT_TOKENIZER_DIR, os.path.basename(path)) for d in directories]
+    return next((c for c in candidates if os.path.isfile(c)), path)
+
+
+def tokenizer_files(args) -> list[str]:
+    """The existing files the tokenizer of ``args`` is read from (none for CharLevel)."""
+    keys = TOKENIZER_FILE_KEYS.get((getattr(args, "tokenizer_type", None) or "").lower(), ())
+    paths = [getattr(args, key, None) for key in keys]
+    return [p for p in paths if p and os.path.isfile(p)]
+
+
+def _checkpoint_directories(args) -> list[str]:
+    """The checkpoint ``load`` names (its ``iteration`` or ``latest``): it carries a tokenizer copy."""
+    load = getattr(args, "load", None)
+    if not load or not os.path.isdir(load):
+        return []
+    if getattr(args, "iteration", None) is not None:
+        return [os.path.join(load, f"global_step{args.iteration}")]
+    latest = os.path.join(load, "latest")
+    if os.path.isfile(latest):
+        with open(latest) as f:
+            return [os.path.join(load, f.read().strip())]
+    return []
+
+
 def build_tokenizer(args):
-    """The tokenizer named by args.tokenizer_type; also sets args' padded vocab size."""
+    """The tokenizer named by args.tokenizer_type; also sets args' padded vocab size.
+
+    A tokenizer file missing at its configured path is taken from the copy in the
+    checkpoint ``load`` points at (and the path in ``args`` updated)."""
     kind = (getattr(args, "tokenizer_type", None) or "").lower()
+    for key in TOKENIZER_FILE_KEYS.get(kind, ()):
+        given = getattr(args, key, None)
+        found = resolve_tokenizer_path(given, *_checkpoint_directories(args))
+        if found != given and os.environ.get("RANK", "0") == "0":
+            print(f"{key}: {given} not found; using the checkpoint's copy {found}", flush=True)
+        setattr(args, key, found)
     if kind == "hftokenizer":
         tokenizer = HFTokenizer(args.vocab_file)
     elif kind == "gpt2bpetokenizer":

@@ -24,16 +24,20 @@ import os
 import random
 import re
 import shutil
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from megatron.errors import CheckpointError
+from megatron import checkpoint_files as files
+from megatron.training import load_weights as weights
 
 log = logging.getLogger(__name__)
 
 TMP_SUFFIX = ".tmp"
+TOKENIZER_DIR = "tokenizer"
 # An older checkpoint with the tag being published is parked here for the instant
 # between the two renames; `_recover_parked` puts it back if we died in between.
 PARKED_SUFFIX = ".old" + TMP_SUFFIX
@@ -229,6 +233,46 @@ def _write_configs(args, ckpt_dir: str) -> None:
             f.write(text)
 
 
+def _saved_state(args) -> dict:
+    """Client-state entries saying what this save holds (read back by load and inspect).
+
+    ``no_save_optim`` also replaces DeepSpeed's ``optimizer`` entry (ZeRO-0) with None.
+    """
+    keep_optimizer = not getattr(args, "no_save_optim", False)
+    state = {files.SAVED_STATE_KEY: {"optimizer": keep_optimizer, "rng": not getattr(args, "no_save_rng", False)}}
+    if not keep_optimizer:
+        state["optimizer"] = None
+    return state
+
+
+class _optimizer_saving:
+    """``no_save_optim`` under ZeRO: DeepSpeed writes the *_optim_states.pt shards only
+    while ``engine.save_zero_checkpoint`` is set."""
+
+    def __init__(self, engine, enabled: bool):
+        self.engine, self.enabled = engine, enabled
+
+    def __enter__(self):
+        self.saved = getattr(self.engine, "save_zero_checkpoint", False)
+        if not self.enabled:
+            self.engine.save_zero_checkpoint = False
+
+    def __exit__(self, *exc):
+        self.engine.save_zero_checkpoint = self.saved
+
+
+def _copy_tokenizer(args, ckpt_dir: str) -> None:
+    """Every checkpoint carries its tokenizer files (tokenizer/<name>), so it is usable
+    where the original path is not."""
+    from megatron.tokenizer import tokenizer_files
+
+    paths = tokenizer_files(args)
+    if paths:
+        os.makedirs(os.path.join(ckpt_dir, TOKENIZER_DIR), exist_ok=True)
+    for path in paths:
+        shutil.copyfile(path, os.path.join(ckpt_dir, TOKENIZER_DIR, os.path.basename(path)))
+
+
 def save_checkpoint(args, iteration: int, engine, groups, l2e=None) -> str:
     """Save everything needed to resume at ``iteration``; returns the checkpoint dir.
 
@@ -244,23 +288,26 @@ def save_checkpoint(args, iteration: int, engine, groups, l2e=None) -> str:
         _sweep_leftovers(directory)
     _barrier()
 
-    client_state = {"iteration": iteration, "args": _neox_args_summary(args)}
+    client_state = {"iteration": iteration, "args": _neox_args_summary(args), **_saved_state(args)}
     tmp_dir = os.path.join(directory, tmp_tag)
     try:
-        engine.save_checkpoint(directory, tag=tmp_tag, client_state=client_state, save_latest=False)
+        with _optimizer_saving(engine, not getattr(args, "no_save_optim", False)):
+            engine.save_checkpoint(directory, tag=tmp_tag, client_state=client_state, save_latest=False)
         extra = {
             "iteration": iteration,
-            "rng": rng_state(),
+            "rng": None if getattr(args, "no_save_rng", False) else rng_state(),
             "l2e": _weights_only_safe(l2e.state_dict()) if l2e is not None else None,
         }
         torch.save(extra, os.path.join(tmp_dir, extra_state_name(rank)))
         if rank == 0:
             _write_configs(args, tmp_dir)
+            _copy_tokenizer(args, tmp_dir)
         failure = None
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
         failure = e
     _raise_if_any_rank_failed(failure, directory, tag, tmp_dir, engine)
     _barrier()  # every rank's files are on disk before the tag becomes visible
+    files.write_checksums(tmp_dir)
 
     if rank == 0:
         _publish(directory, tmp_tag, tag)
@@ -320,6 +367,25 @@ def _raise_if_any_rank_failed(failure, directory: str, tag: str, tmp_dir: str, e
 # load
 
 
+@dataclass
+class Restored:
+    """What a load brought back; ``line()`` is the report printed at startup."""
+
+    source: str
+    iteration: int
+    samples: int
+    weights: str = "✓"
+    optimizer: str = "✗ (fresh)"
+    schedule_at: int = 0
+    l2e: str = "– (off)"
+    rng: str = "✗ (fresh)"
+
+    def line(self) -> str:
+        return (f"restored from {self.source}: weights {self.weights}  optimizer {self.optimizer}  "
+                f"schedule at {self.schedule_at}  data at sample {self.samples:,}  "
+                f"L2E state {self.l2e}  rng {self.rng}")
+
+
 def _resolve_tag(args, directory: str) -> str | None:
     """The tag to load, or None for a fresh run writing into its own (empty) save dir."""
     if args.iteration is not None:  # NeoX's `iteration` key picks a specific step
@@ -347,29 +413,199 @@ def _tag_dir(directory: str, tag: str) -> str:
     )
 
 
-def _load_module_only(engine, ckpt_dir: str) -> None:
-    """Copy only weights into the engine: converted (HF -> NeoX) checkpoints and finetuning."""
-    module = engine.module
-    if hasattr(module, "load_state_dir"):  # deepspeed.pipe.PipelineModule: layer_XX files
-        module.load_state_dir(ckpt_dir, checkpoint_engine=engine.checkpoint_engine, strict=True)
+def current_layout(args, engine, groups) -> dict:
+    """This run's parallel layout, in the keys a checkpoint's layout is described by."""
+    return {
+        "tp": groups.tp_size if groups is not None else 1,
+        "pp": getattr(args, "pipe_parallel_size", 0),
+        "dp": groups.dp_size if groups is not None else (dist.get_world_size() if dist.is_initialized() else 1),
+        "zero_stage": engine.zero_optimization_stage(),
+        "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+    }
+
+
+def layout_differences(saved: dict, current: dict) -> list[str]:
+    """``key saved->current`` for every layout key the checkpoint records and this run changes."""
+    return [f"{k} {saved[k]}->{current[k]}" for k in current
+            if saved.get(k) is not None and saved[k] != current[k]]
+
+
+def _start_schedule(args, engine, iteration: int) -> None:
+    """A load without scheduler state: the LR schedule continues at ``iteration``."""
+    engine.global_steps = iteration
+    engine.global_samples = iteration * engine.train_batch_size()
+    if engine.lr_scheduler is not None and hasattr(engine.lr_scheduler, "start_at"):
+        engine.lr_scheduler.start_at(iteration, getattr(args, "lr_rewarmup_iters", 0))
+
+
+def _schedule_position(engine, iteration: int) -> int:
+    return getattr(engine.lr_scheduler, "num_iters", iteration)
+
+
+def _report(restored: Restored) -> int:
+    _say(restored.line())
+    return restored.iteration
+
+
+def _new_l2e_state(l2e) -> str:
+    return "✗ (new: statistics start empty and warm up)" if l2e is not None else "– (off)"
+
+
+def _continue_from_hf(args, engine, groups, l2e) -> int:
+    """``load`` is an HF GPT-NeoX directory: its weights, continued at ``iteration`` (or 0)."""
+    from megatron.model.hf import read_hf_checkpoint
+
+    directory = args.load
+    _refuse_older_source(args, args.iteration)
+    cfg, sd = read_hf_checkpoint(directory)
+    files.check_architecture(directory, cfg, args)
+    weights.load_full_weights(engine, groups, sd, cfg.num_layers, directory)
+    iteration = 0 if args.finetune else (args.iteration or 0)
+    _start_schedule(args, engine, iteration)
+    return _report(Restored(source=f"{directory} (HF)", iteration=iteration,
+                            samples=iteration * engine.train_batch_size(),
+                            schedule_at=_schedule_position(engine, iteration), l2e=_new_l2e_state(l2e)))
+
+
+def _continue_from_weights(args, engine, groups, l2e, info, iteration: int) -> int:
+    """Weights only (a converter's output, or ``finetune``), continued at ``iteration``."""
+    weights.load_checkpoint_weights(args, engine, groups, info)
+    _start_schedule(args, engine, iteration)
+    return _report(Restored(source=info.path, iteration=iteration, samples=iteration * engine.train_batch_size(),
+                            weights="✓ (finetune: weights only)" if args.finetune else "✓",
+                            schedule_at=_schedule_position(engine, iteration), l2e=_new_l2e_state(l2e)))
+
+
+def _refuse_older_source(args, iteration: int | None) -> None:
+    """A requeued job whose ``load`` still names its starting point (an HF directory, a
+    converted or an older checkpoint) would retrain and re-save over its own newer
+    checkpoints in ``save``: refuse, pointing at them."""
+    save = getattr(args, "save", None)
+    if args.finetune or not save or os.path.abspath(save) == os.path.abspath(args.load) or not os.path.isdir(save):
+        return
+    tag = _read_latest(save)
+    match = _TAG_RE.match(tag or "")
+    if match and int(match.group(1)) > (iteration or 0):
+        raise CheckpointError(
+            f"load: 'save' {save} already holds {tag}, newer than step {iteration or 0} loaded from {args.load}; "
+            f"set load: {save} to resume it, or give this run another 'save' directory"
+        )
+
+
+def _load_other_layout(args, engine, groups, l2e, info, current: dict) -> int:
+    """The checkpoint was saved with another parallel layout than this run's.
+
+    This is the one place where a resharding load (megatron/training/elastic.py) plugs in.
+    """
+    changed = ", ".join(layout_differences(info.layout, current))
+    raise CheckpointError(
+        f"load: {info.path} was saved with another parallel layout ({changed}); resume with the "
+        f"layout it was saved with, or load its weights only with 'finetune: true'"
+    )
+
+
+def _check_own_files(engine, directory: str, tag: str, load_optimizer: bool) -> None:
+    """The files DeepSpeed will read for this rank exist (it would start a fresh optimizer
+    without a word when a ZeRO shard is missing)."""
+    own_layers = weights.own_layer_files(engine, os.path.join(directory, tag))
+    weights.check_files_exist([engine._get_ckpt_name(directory, tag), *own_layers])
+    if load_optimizer and engine.zero_optimization():
+        weights.check_files_exist([engine._get_zero_ckpt_name(directory, tag)],
+                                  " (or set no_load_optim: true to continue with a fresh optimizer)")
+
+
+def _restore_neox_rng(meta: dict) -> bool:
+    """NeoX keeps python/numpy/torch RNG states in the mp_rank file."""
+    if "random_rng_state" not in meta:
+        return False
+    random.setstate(meta["random_rng_state"])
+    np.random.set_state(meta["np_rng_state"])
+    torch.set_rng_state(meta["torch_rng_state"])
+    if meta.get("cuda_rng_state") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(meta["cuda_rng_state"])
+    return True
+
+
+def _resume(args, engine, l2e, info, directory: str, tag: str) -> int:
+    """Same layout: DeepSpeed restores weights, optimizer and schedule; our extra state the rest."""
+    extra_path = os.path.join(info.path, extra_state_name(_rank()))
+    extra = None
+    if info.kind == "full":
+        if os.path.isfile(extra_path):
+            extra = files.load_torch(extra_path)
+        elif not args.no_load_rng:
+            raise CheckpointError(
+                f"load: {extra_path} is missing (this rank's iteration, RNG and L2E state); restore it, "
+                f"load another 'iteration', or set no_load_rng: true to continue without RNG and L2E state"
+            )
+    load_optimizer = info.has_optimizer and not args.no_load_optim
+    _check_own_files(engine, directory, tag, load_optimizer)
+    try:
+        path, _ = engine.load_checkpoint(directory, tag=tag, load_optimizer_states=load_optimizer,
+                                         load_lr_scheduler_states=True)
+    except FileNotFoundError as e:
+        raise CheckpointError(f"load: {e.filename} is missing; the checkpoint is incomplete, "
+                              f"load another 'iteration'") from e
+    except RuntimeError as e:
+        if "size mismatch" not in str(e) and "Missing key" not in str(e):
+            raise
+        detail = " ".join(line.strip() for line in str(e).strip().splitlines()[1:3])
+        raise CheckpointError(f"load: {info.path} does not fit this model ({detail}); check the model keys "
+                              f"of the config against the checkpoint's configs/") from e
+    if path is None:
+        raise CheckpointError(f"load: DeepSpeed could not read {info.path}; the checkpoint is incomplete")
+    iteration = extra["iteration"] if extra is not None else info.iteration
+    if iteration is None:
+        raise CheckpointError(f"load: {info.path} records no iteration; set 'iteration' or 'finetune: true'")
+    if not load_optimizer:
+        weights.refresh_master_weights(engine)
+        if hasattr(engine.lr_scheduler, "start_at"):  # fresh moments: the optional re-warm-up
+            engine.lr_scheduler.start_at(engine.lr_scheduler.num_iters, getattr(args, "lr_rewarmup_iters", 0))
+    restored = Restored(source=info.path, iteration=iteration, samples=iteration * engine.train_batch_size(),
+                        schedule_at=_schedule_position(engine, iteration))
+    if load_optimizer:
+        restored.optimizer = "✓"
+    elif not info.has_optimizer:
+        restored.optimizer = "✗ (fresh: not in the checkpoint)"
     else:
-        path = os.path.join(ckpt_dir, f"mp_rank_{engine.checkpoint_mp_rank:02d}_model_states.pt")
-        if not os.path.isfile(path):
-            raise CheckpointError(f"load: {path} is missing; the checkpoint is incomplete")
-        module.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["module"])
-    # ZeRO and mixed precision keep their own fp32 copy of the weights: refresh it, or the
-    # next step would write the old weights back.
-    if hasattr(engine.optimizer, "refresh_fp32_params"):
-        engine.optimizer.refresh_fp32_params()
+        restored.optimizer = "✗ (fresh: no_load_optim)"
+    restored.rng = _restore_rng(args, info, extra)
+    restored.l2e = _restore_l2e(l2e, extra, info.path)
+    return _report(restored)
+
+
+def _restore_rng(args, info, extra) -> str:
+    if args.no_load_rng:
+        return "✗ (no_load_rng)"
+    if extra is not None:
+        if extra.get("rng") is None:
+            return "✗ (not saved)"
+        set_rng_state(extra["rng"])
+        return "✓"
+    return "✓ (NeoX)" if _restore_neox_rng(info.meta) else "✗ (not saved)"
+
+
+def _restore_l2e(l2e, extra, source: str) -> str:
+    if l2e is None:
+        return "– (off)"
+    if extra is None or extra.get("l2e") is None:
+        return _new_l2e_state(l2e)
+    try:
+        l2e.load_state_dict(extra["l2e"])
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise CheckpointError(f"load: the L2E state in {source} does not fit this run's l2e config ({e}); "
+                              f"use the l2e block it was saved with") from e
+    return "✓"
 
 
 def load_checkpoint(args, engine, groups, l2e=None) -> int:
     """Restore the run from ``args.load``; returns the iteration to continue from.
 
-    A full checkpoint (ours) restores weights, optimizer, LR schedule, RNG and L2E
-    state exactly. A weights-only checkpoint (no extra-state files, e.g. from
-    tools/ckpts/convert_hf_to_neox.py) or ``finetune: true`` loads only the weights
-    and starts at iteration 0. Like ``save_checkpoint`` it needs no ``groups``.
+    ``load`` may be our checkpoint directory (everything restored exactly), a NeoX-native
+    one (weights, optimizer, schedule, NeoX's RNG), a weights-only one (a converter's
+    output: weights, continued at its recorded iteration) or an HF GPT-NeoX directory
+    (weights, continued at ``iteration``). ``finetune`` takes the weights only and starts
+    at 0. docs/checkpoints.md has the matrix. Collective: every rank calls it.
     """
     directory = args.load
     if not directory:
@@ -378,38 +614,26 @@ def load_checkpoint(args, engine, groups, l2e=None) -> int:
         if os.path.abspath(directory) == os.path.abspath(args.save or ""):
             return 0  # first launch of a run that saves and resumes in one directory
         raise CheckpointError(f"load: directory {directory} does not exist; fix 'load' or remove it")
+    if os.path.isfile(os.path.join(directory, "config.json")):
+        return _continue_from_hf(args, engine, groups, l2e)
     tag = _resolve_tag(args, directory)
     if tag is None:
         return 0
     tag = _tag_dir(directory, tag)
     ckpt_dir = os.path.join(directory, tag)
-    extra_path = os.path.join(ckpt_dir, extra_state_name(_rank()))
-    has_extra = os.path.isfile(extra_path)
+    if getattr(args, "checkpoint_verify", True):
+        files.verify_checksums(ckpt_dir)
+    files.check_torch_files(ckpt_dir)
+    info = files.read_checkpoint_info(ckpt_dir)
+    files.check_model_shape(ckpt_dir, info.model_args, args, saved_tp=info.layout.get("tp"))
+    files.check_architecture(ckpt_dir, files.saved_model_config(info), args, saved_tp=info.layout.get("tp"))
+    _refuse_older_source(args, info.iteration)
 
-    if args.finetune or not any(name.endswith("_extra_state.pt") for name in os.listdir(ckpt_dir)):
-        _say(f"loaded weights only from {ckpt_dir}; training starts at iteration 0")
-        _load_module_only(engine, ckpt_dir)
-        return 0
-    if not has_extra:
-        raise CheckpointError(
-            f"load: {extra_path} is missing; {ckpt_dir} was saved with fewer ranks than this "
-            f"run has; resume with the world size it was saved with or set 'finetune: true'"
-        )
-
-    try:
-        path, _ = engine.load_checkpoint(directory, tag=tag, load_optimizer_states=not args.no_load_optim,
-                                         load_lr_scheduler_states=not args.no_load_optim)
-    except FileNotFoundError as e:
-        raise CheckpointError(f"load: {ckpt_dir} is incomplete ({e}); pick another 'iteration'") from e
-    if path is None:
-        raise CheckpointError(f"load: DeepSpeed could not read {ckpt_dir}; the checkpoint is incomplete")
-    extra = torch.load(extra_path, map_location="cpu", weights_only=True)
-    if not args.no_load_rng:
-        set_rng_state(extra["rng"])
-    if l2e is not None:
-        if extra["l2e"] is None:
-            log.info("%s holds no L2E state; L2E starts fresh", ckpt_dir)
-        else:
-            l2e.load_state_dict(extra["l2e"])
-    _say(f"resumed from {ckpt_dir} at iteration {extra['iteration']}")
-    return extra["iteration"]
+    if args.finetune:
+        return _continue_from_weights(args, engine, groups, l2e, info, 0)
+    if info.kind == "weights":
+        return _continue_from_weights(args, engine, groups, l2e, info, info.iteration or 0)
+    current = current_layout(args, engine, groups)
+    if layout_differences(info.layout, current):
+        return _load_other_layout(args, engine, groups, l2e, info, current)
+    return _resume(args, engine, l2e, info, directory, tag)

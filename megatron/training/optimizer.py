@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from megatron.errors import ConfigError
+from megatron.errors import CheckpointError, ConfigError
 
 DECAY_STYLES = ("cosine", "linear", "exponential", "constant")
 
@@ -101,11 +101,22 @@ class AnnealingLR:
     calls on a client scheduler.
     """
 
-    def __init__(self, optimizer, lr_max, min_lr, warmup_iters, decay_iters, style, num_iters=0):
+    # The schedule settings a checkpoint records, under NeoX's state-dict names.
+    SETTINGS = {"start_lr": "lr_max", "min_lr": "min_lr", "warmup_iter": "warmup_iters",
+                "end_iter": "decay_iters", "decay_style": "style"}
+
+    def __init__(self, optimizer, lr_max, min_lr, warmup_iters, decay_iters, style, num_iters=0,
+                 override=False, use_checkpoint=False):
+        if override and use_checkpoint:
+            raise ConfigError("override_lr_scheduler and use_checkpoint_lr_scheduler are both true; "
+                              "set one (config values or the checkpoint's)")
         self.optimizer = optimizer
         self.lr_max, self.min_lr = float(lr_max), float(min_lr)
         self.warmup_iters, self.decay_iters, self.style = warmup_iters, int(decay_iters), style
         self.num_iters = num_iters
+        self.override, self.use_checkpoint = override, use_checkpoint
+        # A short linear re-warm-up after a load without optimizer state (lr_rewarmup_iters).
+        self.rewarmup_start, self.rewarmup_iters = 0, 0
         self._apply()
 
     @classmethod
@@ -122,10 +133,22 @@ class AnnealingLR:
         if not 0.0 <= float(args.warmup or 0.0) < 1.0:
             raise ConfigError(f"warmup={args.warmup} must be a fraction of lr_decay_iters in [0, 1)")
         warmup_iters = float(args.warmup or 0.0) * decay_iters
-        return cls(optimizer, args.lr, args.min_lr or 0.0, warmup_iters, decay_iters, style)
+        return cls(optimizer, args.lr, args.min_lr or 0.0, warmup_iters, decay_iters, style,
+                   override=getattr(args, "override_lr_scheduler", False),
+                   use_checkpoint=getattr(args, "use_checkpoint_lr_scheduler", False))
+
+    def start_at(self, num_iters: int, rewarmup_iters: int = 0):
+        """Continue the schedule at ``num_iters`` (a load that brings no scheduler state)."""
+        self.num_iters = int(num_iters)
+        if rewarmup_iters and num_iters > 0:
+            self.rewarmup_start, self.rewarmup_iters = self.num_iters, int(rewarmup_iters)
+        self._apply()
 
     def get_lr(self) -> list[float]:
         lr = neox_lr(self.num_iters, self.lr_max, self.min_lr, self.warmup_iters, self.decay_iters, self.style)
+        since = self.num_iters - self.rewarmup_start
+        if 0 <= since < self.rewarmup_iters:
+            lr *= (since + 1) / self.rewarmup_iters
         return [lr] * len(self.optimizer.param_groups)
 
     def get_last_lr(self) -> list[float]:
@@ -140,17 +163,28 @@ class AnnealingLR:
             group["lr"] = lr * group.get("lr_scale", 1.0)
 
     def state_dict(self) -> dict:
-        return {
-            "start_lr": self.lr_max,
-            "min_lr": self.min_lr,
-            "warmup_iter": self.warmup_iters,
-            "end_iter": self.decay_iters,
-            "decay_style": self.style,
-            "num_iters": self.num_iters,
-        }
+        state = {name: getattr(self, attr) for name, attr in self.SETTINGS.items()}
+        state.update(num_iters=self.num_iters, rewarmup_start=self.rewarmup_start,
+                     rewarmup_iters=self.rewarmup_iters)
+        return state
 
     def load_state_dict(self, sd: dict):
-        # The config decides the schedule; only the position is restored (NeoX's
-        # use_checkpoint_lr_scheduler=False behaviour keeps configs authoritative).
+        """NeoX's rule: the position always comes from the checkpoint; the settings must
+        match the config unless ``override_lr_scheduler`` (the config's win) or
+        ``use_checkpoint_lr_scheduler`` (the checkpoint's win) says which to take."""
+        differing = {name: (sd[name], getattr(self, attr)) for name, attr in self.SETTINGS.items()
+                     if sd.get(name) is not None and sd[name] != getattr(self, attr)}
+        if differing and not self.override:
+            if not self.use_checkpoint:
+                shown = ", ".join(f"{name} {saved} (config: {current})" for name, (saved, current) in differing.items())
+                raise CheckpointError(
+                    f"load: the checkpoint's LR schedule differs from the config's: {shown}; set "
+                    f"override_lr_scheduler: true to use the config's or use_checkpoint_lr_scheduler: true "
+                    f"to keep the checkpoint's"
+                )
+            for name, (saved, current) in differing.items():
+                setattr(self, self.SETTINGS[name], type(current)(saved))
         self.num_iters = int(sd["num_iters"])
+        self.rewarmup_start = int(sd.get("rewarmup_start", 0))
+        self.rewarmup_iters = int(sd.get("rewarmup_iters", 0))
         self._apply()

@@ -135,10 +135,42 @@ def test_without_configs_the_args_summary_is_used(tmp_path, hf_dir, hf_to_neox):
 def test_iteration_picks_the_step(tmp_path, hf_to_neox):
     a, b = make_hf_dir(tmp_path / "a", seed=1), make_hf_dir(tmp_path / "b", seed=2)
     hf_to_neox(["--hf", str(a), "--output", str(tmp_path / "run"), "--iteration", "10"])
-    hf_to_neox(["--hf", str(b), "--output", str(tmp_path / "run"), "--iteration", "20"])
+    hf_to_neox(["--hf", str(b), "--output", str(tmp_path / "run"), "--iteration", "20", "--force"])
     emb = lambda m: m.embed.word_embeddings.weight  # noqa: E731
-    assert torch.equal(emb(load_model(tmp_path / "run")), emb(load_model(b)))  # latest -> 20
-    assert torch.equal(emb(load_model(tmp_path / "run", iteration=10)), emb(load_model(a)))
+    assert torch.equal(emb(load_model(tmp_path / "run")), emb(load_model(a)))  # `latest` it did not create: kept
+    assert torch.equal(emb(load_model(tmp_path / "run", iteration=20)), emb(load_model(b)))
+
+
+def test_converter_never_damages_a_run(tmp_path, hf_dir, hf_to_neox, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "latest").write_text("global_step7")
+    (run / "global_step7").mkdir()
+    (run / "global_step7" / "marker").write_text("the run's own step 7")
+    r = run_tool("convert_hf_to_neox", "--hf", str(hf_dir), "--output", str(run), "--iteration", "7")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert "already holds checkpoints (global_step7, latest)" in r.stderr and "--force" in r.stderr
+    with pytest.raises(SystemExit):
+        hf_to_neox(["--hf", str(hf_dir), "--output", str(run), "--iteration", "7", "--force"])
+    assert "global_step7 already exists and is never overwritten" in capsys.readouterr().err
+    assert sorted(p.name for p in run.iterdir()) == ["global_step7", "latest"]
+    assert (run / "global_step7" / "marker").read_text() == "the run's own step 7"
+    assert (run / "latest").read_text() == "global_step7"
+
+
+def test_tokenizer_travels_with_the_checkpoint(tmp_path, hf_dir, hf_to_neox, neox_to_hf, capsys):
+    hf_to_neox(["--hf", str(hf_dir), "--output", str(tmp_path / "neox")])
+    step = tmp_path / "neox" / "global_step0"
+    assert (step / "tokenizer" / "tokenizer.json").read_bytes() == (hf_dir / "tokenizer.json").read_bytes()
+    assert "vocab-file: ../tokenizer/tokenizer.json" in (step / "configs" / "model.yml").read_text()
+    (tmp_path / "neox").rename(tmp_path / "moved")  # relative paths: the checkpoint is relocatable
+    neox_to_hf(["--input", str(tmp_path / "moved"), "--output", str(tmp_path / "hf")])
+    assert (tmp_path / "hf" / "tokenizer.json").is_file()
+    (tmp_path / "moved" / "global_step0" / "tokenizer" / "tokenizer.json").unlink()
+    (tmp_path / "moved" / "global_step0" / "checksums.json").unlink()
+    neox_to_hf(["--input", str(tmp_path / "moved"), "--output", str(tmp_path / "hf2")])
+    out = capsys.readouterr().out
+    assert "WITHOUT a tokenizer: vocab_file" in out and "--tokenizer" in out
 
 
 def test_failed_write_leaves_nothing(tmp_path, hf_dir, hf_to_neox, monkeypatch):

@@ -1,5 +1,6 @@
 """Atomic save / exact load of checkpoints, on a tiny in-process DeepSpeed engine."""
 import errno
+import json
 import multiprocessing
 import os
 import random
@@ -180,22 +181,128 @@ def test_fresh_run_with_save_equal_load_starts_at_zero(tmp_path):
     assert ckpt.load_checkpoint(args, None, None) == 0
 
 
-@pytest.mark.parametrize("zero_stage", [0, 1])
-def test_weights_only_checkpoint_starts_at_zero(tmp_path, zero_stage):
-    args = make_args(tmp_path)
+def _rewrite_meta(step_dir, **changes):
+    """Edit mp_rank_00_model_states.pt as another tool would have written it."""
+    path = step_dir / "mp_rank_00_model_states.pt"
+    meta = torch.load(path, weights_only=False)
+    for key, value in changes.items():
+        if value is None:
+            meta.pop(key, None)
+        else:
+            meta[key] = value
+    torch.save(meta, path)
+    (step_dir / "checksums.json").unlink(missing_ok=True)
+
+
+def _optimizer_moments(engine):
+    return [s["exp_avg"].clone() for s in engine.optimizer.state_dict()["state"].values()]
+
+
+def _saved_at_4(tmp_path, zero_stage=0, **arg_overrides):
+    args = make_args(tmp_path, **arg_overrides)
     engine = make_engine(zero_stage=zero_stage)
     train_step(engine)
     ckpt.save_checkpoint(args, 4, engine, None)
-    # A converter writes only weights: drop our per-rank extra state.
-    os.remove(tmp_path / "ckpt" / "global_step4" / "rank_00000_extra_state.pt")
     args.load = args.save
+    return args, engine, tmp_path / "ckpt" / "global_step4"
+
+
+def test_missing_extra_state_is_an_error_not_a_restart(tmp_path):
+    args, _, step = _saved_at_4(tmp_path)
+    (step / "rank_00000_extra_state.pt").unlink()
+    with pytest.raises(CheckpointError, match=r"rank_00000_extra_state.pt is missing; restore the file"):
+        ckpt.load_checkpoint(args, make_engine(seed=5), None)
+    args.checkpoint_verify = False  # without the manifest the load itself names the file and the way out
+    with pytest.raises(CheckpointError, match=r"rank_00000_extra_state.pt is missing.*no_load_rng: true"):
+        ckpt.load_checkpoint(args, make_engine(seed=5), None)
+    args.no_load_rng = True  # the documented way on: weights, optimizer and iteration, fresh RNG
+    fresh = make_engine(seed=5)
+    assert ckpt.load_checkpoint(args, fresh, None) == 4
+
+
+@pytest.mark.parametrize("zero_stage", [0, 1])
+def test_neox_native_checkpoint_continues_with_its_optimizer(tmp_path, zero_stage):
+    args, engine, step = _saved_at_4(tmp_path, zero_stage=zero_stage)
+    (step / "rank_00000_extra_state.pt").unlink()
+    _rewrite_meta(step, neox_l2e_saved=None)  # NeoX writes no extra state and no marker
     fresh = make_engine(seed=5, zero_stage=zero_stage)
-    assert ckpt.load_checkpoint(args, fresh, None) == 0
+    assert ckpt.load_checkpoint(args, fresh, None) == 4
+    assert all(torch.equal(a, b) for a, b in zip(params(fresh), params(engine)))
+    if zero_stage == 0:
+        assert all(torch.equal(a, b) for a, b in zip(_optimizer_moments(fresh), _optimizer_moments(engine)))
+
+
+@pytest.mark.parametrize("zero_stage", [0, 1])
+def test_weights_only_checkpoint_continues_at_its_iteration(tmp_path, zero_stage):
+    args, engine, step = _saved_at_4(tmp_path, zero_stage=zero_stage)
+    (step / "rank_00000_extra_state.pt").unlink()
+    for shard in step.glob("*_optim_states.pt"):
+        shard.unlink()
+    _rewrite_meta(step, neox_l2e_saved=None, optimizer=None, lr_scheduler=None)
+    fresh = make_engine(seed=5, zero_stage=zero_stage)
+    assert ckpt.load_checkpoint(args, fresh, None) == 4  # a converter's --iteration 4 continues at 5
     loaded = params(fresh)
     assert all(torch.equal(a, b) for a, b in zip(loaded, params(engine)))
     # The optimizer's own fp32 copy was refreshed: a step moves from the loaded weights.
     train_step(fresh)
     assert max((a - b).abs().max().item() for a, b in zip(params(fresh), loaded)) < 0.05
+    args.finetune = True
+    assert ckpt.load_checkpoint(args, make_engine(seed=6, zero_stage=zero_stage), None) == 0
+
+
+@pytest.mark.parametrize("zero_stage", [0, 1])
+def test_no_save_optim_and_rng_are_honoured(tmp_path, capsys, zero_stage):
+    args, engine, step = _saved_at_4(tmp_path, zero_stage=zero_stage, no_save_optim=True, no_save_rng=True)
+    meta = torch.load(step / "mp_rank_00_model_states.pt", weights_only=False)
+    assert meta["optimizer"] is None and meta["neox_l2e_saved"] == {"optimizer": False, "rng": False}
+    assert not list(step.glob("*_optim_states.pt")) and engine.save_zero_checkpoint == (zero_stage > 0)
+    assert torch.load(step / "rank_00000_extra_state.pt", weights_only=True)["rng"] is None
+    fresh = make_engine(seed=5, zero_stage=zero_stage)
+    assert ckpt.load_checkpoint(args, fresh, None) == 4
+    assert all(torch.equal(a, b) for a, b in zip(params(fresh), params(engine)))
+    if zero_stage == 0:
+        assert not fresh.optimizer.state_dict()["state"]  # moments start at zero
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert "weights ✓" in line and "optimizer ✗ (fresh: not in the checkpoint)" in line
+    assert "rng ✗ (not saved)" in line and "data at sample 8" in line
+
+
+def test_checksums_cover_every_file(tmp_path):
+    _, _, step = _saved_at_4(tmp_path)
+    manifest = json.loads((step / "checksums.json").read_text())
+    assert manifest["algorithm"] == "sha256"
+    assert sorted(manifest["files"]) == ["configs/tiny.yml", "mp_rank_00_model_states.pt",
+                                         "rank_00000_extra_state.pt"]
+
+
+def _flip_byte_inside(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("damage,verify,message", [
+    (_truncate, True, r"mp_rank_00_model_states.pt does not match its checksum"),
+    (_truncate, False, r"mp_rank_00_model_states.pt is truncated"),
+    (_flip_byte_inside, True, r"mp_rank_00_model_states.pt does not match its checksum.*checkpoint_verify: false"),
+    (lambda p: p.write_bytes(b"not a checkpoint"), False, r"mp_rank_00_model_states.pt is not a torch checkpoint"),
+])
+def test_damaged_file_is_named(tmp_path, damage, verify, message):
+    args, _, step = _saved_at_4(tmp_path, checkpoint_verify=verify)
+    damage(step / "mp_rank_00_model_states.pt")
+    with pytest.raises(CheckpointError, match=message):
+        ckpt.load_checkpoint(args, make_engine(seed=5), None)
+
+
+def test_other_model_shape_names_the_dimension(tmp_path):
+    args, _, _ = _saved_at_4(tmp_path)
+    args.hidden_size = 16
+    with pytest.raises(CheckpointError, match=r"hidden_size=8, the config asks for 16"):
+        ckpt.load_checkpoint(args, make_engine(seed=5), None)
 
 
 # --- crash during save --------------------------------------------------------------
@@ -329,3 +436,25 @@ def test_disk_full_at_save_is_one_line_and_leaves_no_tmp(tmp_path, monkeypatch, 
     saved = tmp_path / "ckpt"
     assert sorted(os.listdir(saved)) == ["global_step1", "latest"]
     assert (saved / "latest").read_text() == "global_step1"
+
+
+def test_other_parallel_layout_is_named(tmp_path):
+    args, _, step = _saved_at_4(tmp_path)
+    # As a 2-rank data-parallel save records it (the client-state `layout` dict).
+    _rewrite_meta(step, layout={"tp": 1, "pp": 0, "dp": 2, "zero_stage": 0, "world_size": 2})
+    with pytest.raises(CheckpointError, match=r"another parallel layout \(dp 2->1, world_size 2->1\).*finetune"):
+        ckpt.load_checkpoint(args, make_engine(seed=5), None)
+    # Without the dict, the layout is read from the files: DeepSpeed's mp/dp sizes.
+    _rewrite_meta(step, layout=None, mp_world_size=2)
+    with pytest.raises(CheckpointError, match=r"another parallel layout \(tp 2->1\)"):
+        ckpt.load_checkpoint(args, make_engine(seed=5), None)
+
+
+def test_requeued_job_does_not_retrain_over_its_newer_checkpoints(tmp_path):
+    args, engine, _ = _saved_at_4(tmp_path)  # the starting point, e.g. a converted step 4
+    args.save = str(tmp_path / "run")
+    ckpt.save_checkpoint(args, 6, engine, None)  # the run got to step 6 before being requeued
+    with pytest.raises(CheckpointError, match=r"already holds global_step6, newer than step 4.*set load: .*run"):
+        ckpt.load_checkpoint(args, make_engine(seed=5), None)
+    args.load = args.save
+    assert ckpt.load_checkpoint(args, make_engine(seed=5), None) == 6

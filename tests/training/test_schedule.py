@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from megatron.errors import ConfigError
+from megatron.errors import CheckpointError, ConfigError
 from megatron.training.optimizer import AnnealingLR, param_groups
 
 
@@ -85,3 +85,41 @@ def test_param_groups_follow_neox_decay_rules():
     decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
     assert decayed == {id(m.emb.weight), id(m.lin.weight)}
     assert sum(len(g["params"]) for g in groups) == len(list(m.parameters()))
+
+
+def test_checkpoint_schedule_settings_follow_neox_rules():
+    _, saved = _schedule()
+    saved.step(300)
+    state = saved.state_dict()
+    _, same = _schedule()
+    same.load_state_dict(state)
+    assert same.num_iters == 300 and same.get_lr() == saved.get_lr()
+    _, longer = _schedule(lr_decay_iters=2000)
+    differs = r"warmup_iter 10.0 \(config: 20.0\), end_iter 1000 \(config: 2000\); set override_lr_scheduler"
+    with pytest.raises(CheckpointError, match=differs):
+        longer.load_state_dict(state)
+    _, overridden = _schedule(lr_decay_iters=2000, override_lr_scheduler=True)
+    overridden.load_state_dict(state)  # the config's schedule at the checkpoint's position
+    assert overridden.decay_iters == 2000 and overridden.num_iters == 300
+    _, kept = _schedule(lr_decay_iters=2000, use_checkpoint_lr_scheduler=True)
+    kept.load_state_dict(state)
+    assert kept.decay_iters == 1000 and kept.get_lr() == saved.get_lr()
+    with pytest.raises(ConfigError, match="both true"):
+        _schedule(override_lr_scheduler=True, use_checkpoint_lr_scheduler=True)
+
+
+def test_rewarmup_ramps_from_the_continued_position_and_survives_a_resume():
+    opt, sched = _schedule()
+    sched.start_at(500, rewarmup_iters=4)
+    lrs = []
+    for _ in range(6):
+        lrs.append(opt.param_groups[0]["lr"])
+        sched.step()
+    assert lrs[:4] == pytest.approx([_formula(500 + i) * (i + 1) / 4 for i in range(4)], rel=1e-12)
+    assert lrs[4:] == pytest.approx([_formula(504), _formula(505)], rel=1e-12)
+    opt2, resumed = _schedule()
+    opt3, mid = _schedule()
+    mid.start_at(500, rewarmup_iters=4)
+    mid.step(2)
+    resumed.load_state_dict(mid.state_dict())
+    assert opt2.param_groups[0]["lr"] == pytest.approx(lrs[2], rel=1e-12)

@@ -3,8 +3,13 @@
     python tools/ckpts/convert_hf_to_neox.py --hf pythia-70m --output ckpts/pythia-70m [--tp 2]
 
 Writes OUTPUT/global_step{N}/ (per-layer files or the pp=0 layout, mp_rank files,
-configs/model.yml) and OUTPUT/latest; the HF tokenizer.json, if any, is copied to
-OUTPUT/tokenizer.json and named as the YAML's vocab-file.
+configs/model.yml, checksums.json) and OUTPUT/latest; the HF tokenizer.json, if any, is
+copied to global_step{N}/tokenizer/tokenizer.json and named in the YAML by a path relative
+to configs/ (the checkpoint can be moved). `load: OUTPUT` with `iteration: N` continues
+training at step N+1 (docs/checkpoints.md).
+
+An OUTPUT that already holds checkpoints is refused unless --force; even then an existing
+global_stepN is never overwritten and an existing `latest` is left alone.
 """
 from __future__ import annotations
 
@@ -14,11 +19,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a source checkout
 
-from megatron.checkpoint_format import neox_args_dict, neox_model_yaml, save_neox_checkpoint  # noqa: E402
+from megatron.checkpoint_format import (  # noqa: E402
+    check_output_free, neox_args_dict, neox_model_yaml, save_neox_checkpoint,
+)
 from megatron.errors import ConfigError, cli_main  # noqa: E402
-from megatron.model.hf import copy_hf_tokenizer, read_hf_checkpoint  # noqa: E402
+from megatron.model.hf import read_hf_checkpoint  # noqa: E402
 
 NEOX_VOCAB_MULTIPLE = 128
+TOKENIZER_COPY = "tokenizer/tokenizer.json"  # inside global_stepN/, as our training saves carry it
 
 
 def vocab_divisor(padded_vocab: int, tp: int, tokenizer_vocab: int | None) -> int:
@@ -43,12 +51,15 @@ def parse_args(argv=None):
     p.add_argument("--pp-layout", choices=["layers", "sequential"], default="layers",
                    help="'layers': per-layer files (pipe_parallel_size >= 1); 'sequential': pp=0 layout")
     p.add_argument("--iteration", type=int, default=0, help="step number to record (global_stepN)")
+    p.add_argument("--force", action="store_true",
+                   help="add the checkpoint to an OUTPUT that already holds others (never replaces any)")
     return p.parse_args(argv)
 
 
 @cli_main
 def main(argv=None):
     args = parse_args(argv)
+    check_output_free(args.output, args.iteration, args.force)  # before the (slow) read
     cfg, sd = read_hf_checkpoint(args.hf)
     if args.tp < 1 or cfg.num_heads % args.tp or cfg.vocab_size % args.tp or cfg.ffn_size % args.tp:
         raise ConfigError(
@@ -56,8 +67,8 @@ def main(argv=None):
             f"and MLP width ({cfg.ffn_size})"
         )
     out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer = copy_hf_tokenizer(args.hf, out / "tokenizer.json")
+    tokenizer = Path(args.hf) / "tokenizer.json"
+    tokenizer = tokenizer if tokenizer.is_file() else None
     tokenizer_vocab = None
     if tokenizer is not None:
         from tokenizers import Tokenizer
@@ -71,12 +82,15 @@ def main(argv=None):
         pp=1 if args.pp_layout == "layers" else 0,
         make_vocab_size_divisible_by=divisor,
         tokenizer_type=tokenizer_type,
-        vocab_file=str(tokenizer.resolve()) if tokenizer is not None else None,
+        vocab_file=f"../{TOKENIZER_COPY}" if tokenizer is not None else None,  # relative to configs/
     )
     step = save_neox_checkpoint(
         out, sd, cfg, args.iteration, tp=args.tp, layout=args.pp_layout,
         args=neox_args_dict(cfg, args.tp, divisor, tokenizer_type), config_files={"model.yml": yml},
+        extra_files={TOKENIZER_COPY: tokenizer} if tokenizer is not None else None, force=args.force,
     )  # fmt: skip
+    if tokenizer is None:
+        print(f"note: {args.hf} has no tokenizer.json; set tokenizer_type and vocab_file in the training config")
     print(f"wrote {step} (tp={args.tp}, layout={args.pp_layout})")
 
 
