@@ -15,8 +15,19 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def _shades(count: int):
-    return plt.cm.Blues(np.linspace(0.4, 0.95, max(count, 1)))
+def _distinct(count: int):
+    """One clearly different colour per model/run, in the order given (L2E vs control is a
+    difference of kind, not of size: no shades of one hue)."""
+    return [plt.cm.tab10(i % 10) for i in (3, 0, 1, 2, 4, 5, 6, 7, 8, 9)[:max(count, 1)]]
+
+
+def _mark_layers(ax, layers, inhibited) -> None:
+    """Layer ticks at 0..len-1, inhibited layers shaded grey and labelled "(L2E)"."""
+    ax.set_xticks(range(len(layers)), [f"{l}\n(inhibited)" if l in inhibited else str(l) for l in layers])
+    for k, l in enumerate(layers):
+        if l in inhibited:
+            ax.axvspan(k - 0.5, k + 0.5, color="0.92", zorder=0)
+    ax.set_xlabel("layer")
 
 
 def _save(fig, path) -> Path:
@@ -136,4 +147,32 @@ def plot_thresholds(runs: dict[str, dict], path) -> Path:
     ax.set_ylabel("MS threshold")
     ax.set_yscale("log")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    return _save(fig, path)
+
+
+def plot_compare(summary: dict, path) -> Path:
+    """compare_runs.py: per layer, mean ± sd over seeds of the offline and running top-2% MS
+    and of φ*, one colour per variant, bars from zero, inhibited layers marked."""
+    panels = [("heldout_fresh", "held-out top-2% MS\n(fresh statistics)"),
+              ("heldout_running", "held-out top-2% MS\n(the run's running statistics)"),
+              ("phi_star", "φ* on genre.jsonl\n(fresh statistics, mean-pooled)")]
+    variants = list(summary)
+    layers = sorted({int(i) for v in variants for i in summary[v]["layers"]})
+    inhibited = sorted({int(i) for v in variants for i, row in summary[v]["layers"].items()
+                        if "heldout_running" in row})
+    width = 0.8 / len(variants)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4))
+    for ax, (key, title) in zip(axes, panels):
+        for k, (variant, colour) in enumerate(zip(variants, _distinct(len(variants)))):
+            rows = summary[variant]["layers"]
+            values = [rows.get(str(i), {}).get(key, (np.nan, 0.0)) for i in layers]
+            x = np.arange(len(layers)) + (k - (len(variants) - 1) / 2) * width
+            ax.bar(x, [v[0] for v in values], width, yerr=[v[1] for v in values], capsize=2,
+                   color=colour, label=f"{variant} (n={summary[variant]['seeds']})")
+        _mark_layers(ax, layers, inhibited)
+        ax.set_title(title, fontsize=10)
+        ax.set_ylim(bottom=0)
+    axes[0].set_ylabel("mean ± sd over seeds")
+    axes[0].legend(fontsize=8, loc="lower left")
+    fig.suptitle("tiny demo (configs/local/tiny.yml), block output, ρ = 2%: L2E vs monitor-only control")
     return _save(fig, path)
