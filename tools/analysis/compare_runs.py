@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from megatron.analysis import collect_activations, ms_layers, read_features
-from megatron.analysis.collect import load_model_and_tokenizer
+from megatron.analysis.collect import inhibited_layers, load_model_and_tokenizer
 from megatron.analysis.plots import plot_compare
 from megatron.checkpoint_format import resolve_step_dir
 from megatron.data.data_utils import split_boundaries
@@ -152,7 +152,8 @@ def measure(d: Path, windows: torch.Tensor, genre) -> dict:
             moments.load_state_dict(running[i])
             moments.begin_step()
             row["heldout_running"] = top_quantile((z - moments.mean) ** 2 / moments.var)
-    acts = collect_activations(model, tokenizer, genre, d / "activations_genre", name=d.name, dataset="genre")
+    acts = collect_activations(model, tokenizer, genre, d / "activations_genre", name=d.name, dataset="genre",
+                               inhibited_layers=inhibited_layers(d / "checkpoints"))
     for layer, value in ms_layers(acts)["mean_phi_star"].items():
         result["layers"][int(layer)]["phi_star"] = value
     return result
