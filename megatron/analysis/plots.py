@@ -53,6 +53,9 @@ def _y_scale(ax, values) -> None:
     v = np.asarray([x for x in np.ravel(values) if np.isfinite(x) and x > 0])
     if len(v) and v.max() / v.min() > 10:
         ax.set_yscale("log")
+        plain = FuncFormatter(lambda y, _: f"{y:g}")  # 0.6, 2, 10 rather than 6×10⁻¹
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
     else:
         ax.set_ylim(bottom=0, top=1.15 * v.max() if len(v) else None)
 
@@ -141,7 +144,7 @@ def plot_fkr(results: list[dict], path) -> Path:
         best = int(np.argmin(r["fkr"]))
         a.plot(percent[best], r["fkr"][best], "v", color=colour, ms=11, mec="black")
         a.annotate(f"min {r['fkr'][best]:.3f} at {percent[best]:g}%", (percent[best], r["fkr"][best]),
-                   textcoords="offset points", xytext=(0, -18), ha="center", fontsize=8, color=colour)
+                   textcoords="offset points", xytext=(8, -14), ha="left", fontsize=8, color=colour)
         layers = sorted(map(int, r["fkr_at_layer_rate"]))
         b.plot(layers, [r["fkr_at_layer_rate"][str(l)] for l in layers], "o-", color=colour, label=r["model"])
     a.set_xscale("log")  # the rates span two decades (0.1% ... 10%)
@@ -149,10 +152,12 @@ def plot_fkr(results: list[dict], path) -> Path:
     a.set_xticks(100 * np.asarray(results[0]["rates"]))
     a.set_xlabel("inhibition rate ρ (share of neurons selected)")
     a.set_ylabel("False Killing Rate (mean over layers)")
+    a.set_ylim(0, 1)  # a rate: the whole range, so that gaps between models keep their size
     a.set_title("FKR vs ρ (paper Fig. 6); ▼ = each model's minimum", fontsize=10)
     a.legend()
     layers = sorted({int(l) for r in results for l in r["fkr_at_layer_rate"]})
     _mark_layers(b, layers, _inhibited(results), positions=layers)
+    b.set_ylim(0, 1)
     b.set_ylabel(f"FKR at ρ = {100 * results[0]['layer_rate']:g}%")
     b.set_title(f"FKR per layer at ρ = {100 * results[0]['layer_rate']:g}% (paper Fig. 11)", fontsize=10)
     b.legend()
