@@ -210,7 +210,7 @@ def plot_thresholds(runs: dict[str, dict], path) -> Path:
     return _save(fig, path)
 
 
-def plot_compare(summary: dict, path) -> Path:
+def plot_compare(summary: dict, path, note: str = "") -> Path:
     """compare_runs.py: per layer, mean ± sd over seeds of the offline and running top-2% MS
     and of φ*, one colour per variant, bars from zero, inhibited layers marked."""
     panels = [("heldout_fresh", "held-out top-2% MS\n(fresh statistics)"),
@@ -223,16 +223,18 @@ def plot_compare(summary: dict, path) -> Path:
     width = 0.8 / len(variants)
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4))
     for ax, (key, title) in zip(axes, panels):
+        shown = [i for i in layers if any(key in summary[v]["layers"].get(str(i), {}) for v in variants)]
         for k, (variant, colour) in enumerate(zip(variants, _distinct(len(variants)))):
             rows = summary[variant]["layers"]
-            values = [rows.get(str(i), {}).get(key, (np.nan, 0.0)) for i in layers]
-            x = np.arange(len(layers)) + (k - (len(variants) - 1) / 2) * width
+            values = [rows.get(str(i), {}).get(key, (np.nan, 0.0)) for i in shown]
+            x = np.arange(len(shown)) + (k - (len(variants) - 1) / 2) * width
             ax.bar(x, [v[0] for v in values], width, yerr=[v[1] for v in values], capsize=2,
                    color=colour, label=f"{variant} (n={summary[variant]['seeds']})")
-        _mark_layers(ax, layers, inhibited)
+        _mark_layers(ax, shown, inhibited)
         ax.set_title(title, fontsize=10)
         ax.set_ylim(bottom=0)
     axes[0].set_ylabel("mean ± sd over seeds")
     axes[0].legend(fontsize=8, loc="lower left")
-    fig.suptitle("tiny demo (configs/local/tiny.yml), block output, ρ = 2%: L2E vs monitor-only control")
+    fig.suptitle("tiny demo (configs/local/tiny.yml), block output, ρ = 2%: L2E vs monitor-only control"
+                 + (f"\n{note}" if note else ""), fontsize=11)
     return _save(fig, path)

@@ -218,7 +218,8 @@ def main(argv=None):
     (out / "compare.md").write_text("\n".join(lines + ["", timing]) + "\n")
     (out / "compare.json").write_text(json.dumps({"runs": measured, "summary": summary, "walls": walls,
                                                   "held_out_windows": len(windows)}, indent=1))
-    plot_compare(json.loads(json.dumps(summary)), out / "compare.png")
+    plot_compare(json.loads(json.dumps(summary)), out / "compare.png",
+                 note="L2E momentum = L2E with l2e.stats_momentum 0.99; held-out = Austen validation chapters")
     print("\n".join(lines + ["", timing]))
     print(f"wrote {out / 'compare.md'}, compare.json and compare.png")
 
