@@ -14,7 +14,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 import numpy as np  # noqa: E402
 
 
@@ -53,9 +53,10 @@ def _y_scale(ax, values) -> None:
     v = np.asarray([x for x in np.ravel(values) if np.isfinite(x) and x > 0])
     if len(v) and v.max() / v.min() > 10:
         ax.set_yscale("log")
-        plain = FuncFormatter(lambda y, _: f"{y:g}")  # 0.6, 2, 10 rather than 6×10⁻¹
-        ax.yaxis.set_major_formatter(plain)
-        ax.yaxis.set_minor_formatter(plain)
+        # ticks at 1, 2, 5 x 10^k, written 0.5, 2, 10 rather than 5×10⁻¹
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
     else:
         ax.set_ylim(bottom=0, top=1.15 * v.max() if len(v) else None)
 
