@@ -61,10 +61,10 @@ def _y_scale(ax, values) -> None:
         ax.set_ylim(bottom=0, top=1.15 * v.max() if len(v) else None)
 
 
-def _save(fig, path) -> Path:
+def _save(fig, path, rect=(0, 0, 1, 1)) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
+    fig.tight_layout(rect=rect)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
@@ -235,7 +235,7 @@ def plot_compare(summary: dict, path, note: str = "") -> Path:
         ax.set_title(title, fontsize=10)
         ax.set_ylim(bottom=0)
     axes[0].set_ylabel("mean ± sd over seeds")
-    axes[0].legend(fontsize=8, loc="lower left")
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=len(variants), fontsize=9)
     fig.suptitle("tiny demo (configs/local/tiny.yml), block output, ρ = 2%: L2E vs monitor-only control"
                  + (f"\n{note}" if note else ""), fontsize=11)
-    return _save(fig, path)
+    return _save(fig, path, rect=(0, 0.07, 1, 1))
