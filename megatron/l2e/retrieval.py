@@ -38,6 +38,10 @@ from megatron.l2e.comm import all_gather_last_dim
 # Gain of the multiplicative rule per unit of relative count error (times threshold_lr):
 # from 10x off, tau is within 5% in ~25 steps; at the target, batch noise moves it ~ETA*|k*-k|/k.
 ETA = 0.2
+# A multiplicative tau that reached 0 (a warm-up of constant activations, a long run of
+# nothing selected) could never move again; phi is variance-normalised, so this is far
+# below any quantile that means anything.
+MIN_TAU = 1e-12
 
 
 def kth_largest(phi: torch.Tensor, k: int, tp_group=None) -> torch.Tensor:
@@ -113,7 +117,7 @@ class Retrieval:
             self.tau += self.threshold_lr * (frac - self.k / self.N)  # eq. 6: (k* - k) / N
         else:
             error = min(max(frac * self.N / self.k - 1.0, -1.0), 1.0)  # (k* - k) / k, clipped
-            self.tau *= math.exp(self.threshold_lr * ETA * error)
+            self.tau = max(self.tau, MIN_TAU) * math.exp(self.threshold_lr * ETA * error)
         self.reset_step()
         return frac
 

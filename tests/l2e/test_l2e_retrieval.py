@@ -48,6 +48,9 @@ def test_multiplicative_step_is_relative_and_clipped():
     tau = r.tau
     r.end_step(selected=0.0, samples=2.0, kth_sum=0.0)  # none selected: the largest fall
     assert r.tau == pytest.approx(tau * math.exp(-0.5 * ETA))
+    r.tau = 0.0  # e.g. a warm-up of constant activations: tau must still be able to rise
+    r.end_step(selected=400.0, samples=2.0, kth_sum=0.0)
+    assert r.tau > 0.0
 
 
 def test_warmup_tau_is_mean_of_kth_values():
