@@ -14,7 +14,7 @@ export WANDB_MODE           ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 export PYTHONUNBUFFERED     := 1
 
-.PHONY: install demo demo-monitor figures test test-fast bench clean
+.PHONY: install demo demo-monitor demo-compare figures test test-fast bench clean
 
 $(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ demo: install
 demo-monitor: install
 	$(BIN)/python deepy.py train.py configs/local/tiny.yml --override l2e.inhibition=none \
 		log_dir=runs/tiny_monitor/logs save=runs/tiny_monitor/checkpoints
+
+# The demo over 3 seeds, L2E vs monitor-only vs L2E with moving statistics, measured on
+# held-out text: runs/compare/compare.{md,json,png} (docs/l2e.md §7).
+demo-compare: install
+	DS_ACCELERATOR=cpu $(BIN)/python tools/analysis/compare_runs.py --out runs/compare --jobs 2
 
 # FKR curves, the Fig. 12 threshold curve and the other analyses of the two demo runs.
 figures: install
@@ -50,6 +55,7 @@ test-fast: install
 bench: install
 	OMP_NUM_THREADS=2 $(BIN)/python tools/bench/bench_train_step.py
 	OMP_NUM_THREADS=2 $(BIN)/python tools/bench/l2e_overhead.py
+	OMP_NUM_THREADS=1 $(BIN)/python tools/bench/l2e_tracker.py
 	$(BIN)/python tools/bench/bench_index_maps.py
 
 clean:

@@ -28,7 +28,9 @@ L2E_HELP = {
     "inhibition": "regularize (L2E), reverse_deactivation (MEmeL) or none (monitor).",
     "site": "block_output (hidden state) or mlp_act (4h GELU output).",
     "sync_stats": "Merge running statistics over data-parallel ranks every step.",
-    "threshold_lr": "Multiplier of the threshold update step 1/N.",
+    "threshold_lr": "Multiplier of the threshold update step (additive: 1/N per unit of count error).",
+    "threshold_update": "multiplicative (scale-free, default) or additive (paper eq. 6).",
+    "stats_momentum": "1 = cumulative MS statistics (paper); beta < 1 = exponentially moving.",
     "eps": "Variance floor in the score and the log in the regulariser.",
 }
 

@@ -97,6 +97,21 @@ def load_model_and_tokenizer(model_path, tokenizer_path=None):
     return megatron.load_model(model_path), tokenizer
 
 
+def inhibited_layers(model_path) -> list[int]:
+    """The layers L2E inhibited while training this checkpoint (from its saved config);
+    [] for a monitor-only or plain run and for HF folders."""
+    from megatron.checkpoint_format import checkpoint_neox_args, resolve_step_dir
+
+    model_path = Path(model_path)
+    if (model_path / "config.json").is_file():
+        return []
+    args = checkpoint_neox_args(resolve_step_dir(model_path))
+    cfg = getattr(args, "l2e", None)
+    if cfg is None or not cfg.enabled or cfg.inhibition == "none":
+        return []
+    return cfg.resolve_layers(args.num_layers)
+
+
 def _tokenizer_json(path: Path):
     from tokenizers import Tokenizer
 
@@ -119,8 +134,10 @@ def _run_tokenizer(checkpoint: Path):
 
 def collect_activations(model, tokenizer, features: FeatureSet, out_dir, *, layers=None,
                         site="block_output", num_neurons=1000, pooling="mean", batch_size=8,
-                        max_tokens=512, seed=0, name="model", source=None, dataset="") -> Activations:
-    """Run ``model`` over ``features`` and write the activation folder ``out_dir``."""
+                        max_tokens=512, seed=0, name="model", source=None, dataset="",
+                        inhibited_layers=()) -> Activations:
+    """Run ``model`` over ``features`` and write the activation folder ``out_dir``;
+    ``inhibited_layers`` (see `inhibited_layers`) is recorded for the figures."""
     if site not in SITES:
         raise UserError(f"site {site!r}: choose one of {', '.join(SITES)}")
     if pooling not in POOLINGS:
@@ -190,6 +207,7 @@ def collect_activations(model, tokenizer, features: FeatureSet, out_dir, *, laye
         "num_layers": num_layers, "neurons": {str(l): neurons[l].tolist() for l in layers},
         "label_names": features.label_names, "inputs": len(kept), "rows": int(rows.sum()),
         "dropped_empty_inputs": len(ids) - len(kept), "max_tokens": max_tokens, "seed": seed,
+        "inhibited_layers": sorted(inhibited_layers),
     }
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return open_activations(out_dir)

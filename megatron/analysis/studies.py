@@ -15,6 +15,14 @@ from megatron.analysis.probe import probe_f1
 FKR_RATES = (0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1)
 
 
+def _about(acts: Activations) -> dict:
+    """What every study result carries for its figure: model, dataset, site, pooling and
+    the layers L2E inhibited while the model trained (empty for a control or a foreign model)."""
+    m = acts.manifest
+    return {"model": acts.name, "dataset": m.get("dataset", ""), "site": m.get("site", ""),
+            "pooling": m.get("pooling", ""), "inhibited_layers": m.get("inhibited_layers", [])}
+
+
 def _layer_ms(acts: Activations, layer: int):
     """φ ``[rows, N]``, φ_ℓ ``[labels, N]`` and ℓ* ``[N]`` of one layer."""
     z = np.asarray(acts.values(layer), dtype=np.float64)
@@ -46,7 +54,7 @@ def probe(acts: Activations, top: int = 10, method: str = "threshold") -> dict:
             rows.append({"layer": layer, "neuron": int(acts.neurons(layer)[j]), "column": int(j),
                          "label": acts.label_names[int(f1[:, j].argmax())], "f1": float(f1[:, j].max())})
     rows.sort(key=lambda r: -r["f1"])
-    return {"model": acts.name, "method": method, "top": rows[:top]}
+    return {**_about(acts), "method": method, "top": rows[:top]}
 
 
 def ms_validation(acts: Activations, top: int = 10, random: int = 10, seed: int = 0,
@@ -70,7 +78,7 @@ def ms_validation(acts: Activations, top: int = 10, random: int = 10, seed: int 
                      "label": acts.label_names[int(star[j])], "phi_star": float(by_label[star[j], j])}
                     for j in columns]
     return {
-        "model": acts.name, "monosemantic": monosemantic, "random": randoms,
+        **_about(acts), "method": method, "monosemantic": monosemantic, "random": randoms,
         "mean_phi_l": float(np.mean([r["phi_l"] for r in monosemantic])),
         "mean_phi_l_minus": float(np.mean([r["phi_l_minus"] for r in monosemantic])),
         "mean_phi_star_random": float(np.mean([r["phi_star"] for r in randoms])),
@@ -85,7 +93,7 @@ def ks_scale(acts: Activations, num_neurons: int = 1000, seed: int = 0) -> dict:
         phis.append(phi[:, columns])
         stars.append(star[columns])
     statistic, pvalue = ks_statistic(np.hstack(phis), acts.labels, np.concatenate(stars))
-    return {"model": acts.name, "dataset": acts.manifest.get("dataset", ""), "ks": statistic,
+    return {**_about(acts), "ks": statistic,
             "pvalue": pvalue, "neurons": int(sum(len(s) for s in stars))}
 
 
@@ -95,7 +103,7 @@ def ms_layers(acts: Activations) -> dict:
     for layer in acts.layers:
         _, by_label, star = _layer_ms(acts, layer)
         means[str(layer)] = float(by_label[star, np.arange(len(star))].mean())
-    return {"model": acts.name, "num_layers": acts.manifest["num_layers"], "mean_phi_star": means}
+    return {**_about(acts), "num_layers": acts.manifest["num_layers"], "mean_phi_star": means}
 
 
 def fkr(acts: Activations, rates=FKR_RATES, layer_rate: float = 0.02) -> dict:
@@ -108,7 +116,7 @@ def fkr(acts: Activations, rates=FKR_RATES, layer_rate: float = 0.02) -> dict:
     curve = np.mean(list(per_layer.values()), axis=0)
     at = rates.index(layer_rate)
     return {
-        "model": acts.name, "num_layers": acts.manifest["num_layers"], "rates": rates,
+        **_about(acts), "num_layers": acts.manifest["num_layers"], "rates": rates,
         "fkr": curve.tolist(), "best_rate": rates[int(curve.argmin())],
         "fkr_per_layer": per_layer, "layer_rate": layer_rate,
         "fkr_at_layer_rate": {layer: values[at] for layer, values in per_layer.items()},

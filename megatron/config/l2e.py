@@ -27,6 +27,11 @@ class L2EConfig:
     site: Literal["block_output", "mlp_act"] = "block_output"
     sync_stats: bool = True
     threshold_lr: float = 1.0
+    # multiplicative: scale-free step, no tuning across batch sizes; additive: paper eq. 6
+    threshold_update: Literal["multiplicative", "additive"] = "multiplicative"
+    # 1.0: cumulative statistics since step 0 (the paper); beta < 1: exponentially moving,
+    # the old state weighted by beta each step (a window of ~1/(1 - beta) steps)
+    stats_momentum: float = 1.0
     eps: float = 1.0e-12
 
     @classmethod
@@ -63,6 +68,9 @@ class L2EConfig:
         for name in ("loss_weight", "threshold_lr"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{source}: l2e.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 < self.stats_momentum <= 1.0:
+            raise ConfigError(f"{source}: l2e.stats_momentum must lie in (0, 1] (1 = cumulative), "
+                              f"got {self.stats_momentum}")
         if self.eps <= 0:
             raise ConfigError(f"{source}: l2e.eps must be > 0, got {self.eps}")
         if self.warmup_steps < 0:

@@ -58,10 +58,11 @@ class _Site:
         self.lo, self.hi = lo, hi  # the rank's channel slice of z
         self.sliced = gather_group is not None
         self.gather_group = gather_group  # tp group when z is replicated and we own a slice
-        self.moments = RunningMoments((seq_length, hi - lo), cfg.eps, device=device)
+        self.moments = RunningMoments((seq_length, hi - lo), cfg.eps, device=device,
+                                      momentum=cfg.stats_momentum)
         self.retrieval = Retrieval(rate=cfg.rate, num_neurons=seq_length * width, mode=cfg.retrieval,
                                    warmup_steps=cfg.warmup_steps, threshold_lr=cfg.threshold_lr,
-                                   tp_group=tp_group)
+                                   update=cfg.threshold_update, tp_group=tp_group)
         self.log = LayerLog()
         self.frac = 0.0
 

@@ -5,13 +5,22 @@ A layer has N = S*H neurons per sample and the target is k = rate*N of them.
 Moving threshold (L2E, Appendix A). During the first ``warmup_steps`` scored steps each
 sample's exact k-th largest phi is computed, the sample's top k are selected, and tau is
 the mean of those k-th values over the warm-up. Afterwards selection is one element-wise
-comparison, phi >= tau, and once per optimizer step
+comparison, phi >= tau, and once per optimizer step tau moves by one of two rules
+(``threshold_update``), where k* is the number of selected (sample, neuron) pairs per
+sample in the global batch:
 
-    tau <- tau + threshold_lr * (k* - k) / N                                  (eq. 6)
+    multiplicative (default):  tau <- tau * exp(threshold_lr * ETA * clip((k* - k) / k, -1, 1))
+    additive (the paper):      tau <- tau + threshold_lr * (k* - k) / N               (eq. 6)
 
-where k* is the number of selected (sample, neuron) pairs per sample in the global batch.
 Too many selected raises tau, too few lowers it: a stochastic-approximation tracker of the
-global (1 - rate) quantile of phi, with E[k*] -> k.
+global (1 - rate) quantile of phi, with E[k*] -> k. Eq. 6's step is fixed in phi units,
+so how fast it converges depends on the MS scale and on the batch (measured:
+tools/bench/l2e_tracker.py, docs/BENCHMARKS.md). The multiplicative step is a fixed
+fraction of tau per unit of relative count error, so it is scale-free: the loop gain is
+ETA times the log-slope of the tail count, d log k*/d log tau (about 1-3 for MS tails),
+whatever the scale of phi or the batch size. The clip bounds one step to a factor
+exp(+-ETA) when the selection is far off (nothing or everything selected). It needs a
+positive start, so with ``warmup_steps: 0`` the first scored step is still an exact one.
 
 Top-k (MEmeL's retrieval, ``retrieval: topk``): every step works like the warm-up.
 
@@ -20,9 +29,19 @@ value comes from every rank's local top-k candidates, all-gathered.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from megatron.l2e.comm import all_gather_last_dim
+
+# Gain of the multiplicative rule per unit of relative count error (times threshold_lr):
+# from 10x off, tau is within 5% in ~25 steps; at the target, batch noise moves it ~ETA*|k*-k|/k.
+ETA = 0.2
+# A multiplicative tau that reached 0 (a warm-up of constant activations, a long run of
+# nothing selected) could never move again; phi is variance-normalised, so this is far
+# below any quantile that means anything.
+MIN_TAU = 1e-12
 
 
 def kth_largest(phi: torch.Tensor, k: int, tp_group=None) -> torch.Tensor:
@@ -37,11 +56,13 @@ class Retrieval:
     """Selection rule, threshold tau and this step's selection counts for one layer."""
 
     def __init__(self, *, rate: float, num_neurons: int, mode: str, warmup_steps: int,
-                 threshold_lr: float, tp_group=None):
+                 threshold_lr: float, update: str = "multiplicative", tp_group=None):
         self.N = num_neurons
         self.k = max(1, round(rate * num_neurons))
         self.mode = mode
-        self.warmup_steps = warmup_steps
+        self.update = update
+        # a multiplicative tracker cannot start from tau = 0: at least one exact step
+        self.warmup_steps = max(warmup_steps, 1) if update == "multiplicative" else warmup_steps
         self.threshold_lr = threshold_lr
         self.tp_group = tp_group
         self.tau = 0.0
@@ -92,8 +113,11 @@ class Retrieval:
             self.warmup_sum += kth_sum
             self.warmup_samples += int(samples)
             self.tau = self.warmup_sum / self.warmup_samples
-        else:
+        elif self.update == "additive":
             self.tau += self.threshold_lr * (frac - self.k / self.N)  # eq. 6: (k* - k) / N
+        else:
+            error = min(max(frac * self.N / self.k - 1.0, -1.0), 1.0)  # (k* - k) / k, clipped
+            self.tau = max(self.tau, MIN_TAU) * math.exp(self.threshold_lr * ETA * error)
         self.reset_step()
         return frac
 

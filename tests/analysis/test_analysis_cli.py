@@ -39,6 +39,11 @@ def test_analysis_clis_write_json_and_png(planted_folder, tmp_path):
         assert len(json.loads((out / f"{tool}.json").read_text())) == 2  # one result per model
     top = json.loads((out / "probe.json").read_text())[0]["top"]
     assert {r["neuron"] for r in top[:2]} == {5, 9}
+    before = (out / "probe.png").read_bytes()
+    assert run("probe", "--activations", planted_folder, "--out", out, "--top", "3", "--method", "logistic") == 0
+    assert (out / "probe.png").read_bytes() == before  # the logistic probe has its own files
+    assert json.loads((out / "probe_logistic.json").read_text())[0]["method"] == "logistic"
+    assert (out / "probe_logistic.png").stat().st_size > 1000
 
 
 def test_threshold_curve(tmp_path):

@@ -24,6 +24,7 @@ def test_overlays_match_the_paper(size):
         l2e = args.l2e
         want = {"enabled": True, "layers": "mid2", "rate": 0.02, "loss_weight": SIZES[size],
                 "retrieval": "moving_threshold", "inhibition": "regularize", "site": "block_output",
+                "threshold_update": "additive", "threshold_lr": 1.0, "stats_momentum": 1.0,  # eq. 6, cumulative
                 **EXPECTED[os.path.basename(path)[:-4]]}
         assert {k: getattr(l2e, k) for k in want} == want, path
     L = NeoXArgs.from_ymls([os.path.join(ROOT, "configs", "pythia", f"{size}.yml")]).num_layers

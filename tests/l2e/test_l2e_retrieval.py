@@ -1,11 +1,13 @@
 """The moving threshold tracks the (1 - rate) quantile; top-k selects exactly k per sample."""
+import math
+
 import numpy as np
 import pytest
 import torch
 from l2e_testlib import attach_scale, l2e_config
 from scipy.stats import chi2
 
-from megatron.l2e.retrieval import Retrieval, kth_largest
+from megatron.l2e.retrieval import ETA, Retrieval, kth_largest
 
 
 def test_tracker_converges_on_stationary_stream():
@@ -25,12 +27,30 @@ def test_tracker_converges_on_stationary_stream():
 
 
 def test_threshold_moves_by_eq6():
-    r = Retrieval(rate=0.1, num_neurons=100, mode="moving_threshold", warmup_steps=0, threshold_lr=0.5)
+    r = Retrieval(rate=0.1, num_neurons=100, mode="moving_threshold", warmup_steps=0, threshold_lr=0.5,
+                  update="additive")
     r.tau = 2.0
     r.end_step(selected=30.0, samples=1.0, kth_sum=0.0)  # k* = 30 > k = 10: tau rises
     assert r.tau == pytest.approx(2.0 + 0.5 * (30 - 10) / 100)
     r.end_step(selected=0.0, samples=2.0, kth_sum=0.0)  # none selected: tau falls
     assert r.tau == pytest.approx(2.1 - 0.5 * 10 / 100)
+
+
+def test_multiplicative_step_is_relative_and_clipped():
+    r = Retrieval(rate=0.1, num_neurons=100, mode="moving_threshold", warmup_steps=0, threshold_lr=0.5)
+    assert r.warmup_steps == 1  # needs a positive start: one exact step even with warmup_steps 0
+    r.scored_steps, r.tau = 1, 2.0
+    r.end_step(selected=15.0, samples=1.0, kth_sum=0.0)  # k* = 15, k = 10: +50% relative error
+    assert r.tau == pytest.approx(2.0 * math.exp(0.5 * ETA * 0.5))
+    tau = r.tau
+    r.end_step(selected=400.0, samples=2.0, kth_sum=0.0)  # k* = 200: the step is clipped at +1
+    assert r.tau == pytest.approx(tau * math.exp(0.5 * ETA))
+    tau = r.tau
+    r.end_step(selected=0.0, samples=2.0, kth_sum=0.0)  # none selected: the largest fall
+    assert r.tau == pytest.approx(tau * math.exp(-0.5 * ETA))
+    r.tau = 0.0  # e.g. a warm-up of constant activations: tau must still be able to rise
+    r.end_step(selected=400.0, samples=2.0, kth_sum=0.0)
+    assert r.tau > 0.0
 
 
 def test_warmup_tau_is_mean_of_kth_values():

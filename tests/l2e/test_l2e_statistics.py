@@ -60,3 +60,60 @@ def test_step_by_step_merge_matches_float64():
         m.reset_batch()
     np.testing.assert_allclose(m.mean.numpy(), x.astype(np.float64).mean(0), rtol=1e-6)
     np.testing.assert_allclose(m.variance().numpy(), x.astype(np.float64).var(0, ddof=1), rtol=1e-4)
+
+
+MOMENTUM = 0.7
+
+
+def _momentum_dp_body(rank, world_size):
+    data = activation_stream(STEPS, BATCH, S, H)
+    mine = np.array_split(data, world_size, axis=1)[rank]
+    group = dist.group.WORLD if world_size > 1 else None
+    block, l2e = attach_scale(l2e_config(inhibition="none", stats_momentum=MOMENTUM), S, H, dp_group=group)
+    run_steps(l2e, block, mine, micro=2)
+    sd = l2e.state_dict()["layers"][0]
+    return sd["n"], sd["weight"], sd["mean"].numpy(), (sd["M2"] / (sd["weight"] - 1)).numpy(), sd["tau"]
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_moving_statistics_are_exponentially_weighted_over_the_global_batch(world_size):
+    data = activation_stream(STEPS, BATCH, S, H).astype(np.float64)
+    # every sample of step t weighs beta^(age in steps), whichever rank saw it
+    w = np.repeat(MOMENTUM ** np.arange(STEPS - 1, -1, -1), BATCH)[:, None, None]
+    flat = data.reshape(-1, S, H)
+    mean_ref = (w * flat).sum(0) / w.sum()
+    var_ref = (w * (flat - mean_ref) ** 2).sum(0) / (w.sum() - 1)
+    results = run_distributed(_momentum_dp_body, world_size) if world_size > 1 else [_momentum_dp_body(0, 1)]
+    for n, weight, mean, var, tau in results:
+        assert n == STEPS * BATCH and weight == pytest.approx(w.sum())
+        np.testing.assert_allclose(mean, mean_ref, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(var, var_ref, rtol=1e-4, atol=1e-5)
+        assert tau == results[0][4]  # the global tracker is the same on every rank
+    # a real window, not the cumulative statistics
+    assert not np.allclose(var_ref, flat.var(0, ddof=1), rtol=1e-2)
+
+
+@pytest.mark.parametrize("momentum", [1.0, MOMENTUM])
+def test_resume_continues_bit_identically(momentum):
+    data = activation_stream(2 * STEPS, BATCH, S, H)
+    cfg = l2e_config(inhibition="none", stats_momentum=momentum)
+    block, straight = attach_scale(cfg, S, H)
+    run_steps(straight, block, data)
+    block, first = attach_scale(cfg, S, H)
+    run_steps(first, block, data[:STEPS])
+    saved = torch.load(_roundtrip(first.state_dict()), weights_only=True)
+    block, resumed = attach_scale(cfg, S, H)
+    resumed.load_state_dict(saved)
+    run_steps(resumed, block, data[STEPS:])
+    want, got = straight.state_dict()["layers"][0], resumed.state_dict()["layers"][0]
+    for key, value in want.items():
+        assert torch.equal(torch.as_tensor(got[key]), torch.as_tensor(value)), key
+
+
+def _roundtrip(state):
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return buffer

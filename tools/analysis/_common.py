@@ -17,6 +17,12 @@ def add_io_args(parser):
     parser.add_argument("--out", required=True, metavar="DIR", help="folder for the JSON and PNG")
 
 
+def output_name(study: str, method: str) -> str:
+    """``probe`` for the default threshold probe, ``probe_logistic`` otherwise: one option's
+    figure never overwrites another's."""
+    return study if method == "threshold" else f"{study}_{method}"
+
+
 def run_study(name: str, study, plot, activation_dirs, out_dir, **options) -> list[dict]:
     """``study(acts, **options)`` for every model -> ``out/name.json``; ``plot`` -> ``out/name.png``."""
     results = [study(open_activations(d), **options) for d in activation_dirs]

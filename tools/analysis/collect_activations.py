@@ -11,7 +11,7 @@ from pathlib import Path
 import _common  # noqa: F401  (puts the repo on sys.path)
 
 from megatron.analysis import collect_activations, read_features
-from megatron.analysis.collect import POOLINGS, SITES, load_model_and_tokenizer
+from megatron.analysis.collect import POOLINGS, SITES, inhibited_layers, load_model_and_tokenizer
 from megatron.errors import UserError, cli_main
 
 
@@ -42,7 +42,7 @@ def collect(model_path, features_path, out, args, name=None):
         model.to(args.device), tokenizer, read_features(features_path), out, layers=parse_layers(args.layers),
         site=args.site, num_neurons=args.neurons, pooling=args.pooling, batch_size=args.batch_size,
         max_tokens=args.max_tokens, seed=args.seed, name=name or Path(model_path).name,
-        source=model_path, dataset=Path(features_path).stem)
+        source=model_path, dataset=Path(features_path).stem, inhibited_layers=inhibited_layers(model_path))
 
 
 @cli_main

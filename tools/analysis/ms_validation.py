@@ -22,7 +22,7 @@ def main(argv=None):
     p.add_argument("--method", choices=METHODS, default="threshold", help="probing classifier")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    _common.run_study("ms_validation", ms_validation, plot_ms_validation, args.activations, args.out,
+    _common.run_study(_common.output_name("ms_validation", args.method), ms_validation, plot_ms_validation, args.activations, args.out,
                       top=args.top, random=args.random, seed=args.seed, method=args.method)
 
 

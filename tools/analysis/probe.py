@@ -20,7 +20,7 @@ def main(argv=None):
     p.add_argument("--top", type=int, default=10)
     p.add_argument("--method", choices=METHODS, default="threshold")
     args = p.parse_args(argv)
-    _common.run_study("probe", probe, plot_probe, args.activations, args.out, top=args.top, method=args.method)
+    _common.run_study(_common.output_name("probe", args.method), probe, plot_probe, args.activations, args.out, top=args.top, method=args.method)
 
 
 if __name__ == "__main__":
