@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from megatron.config import compat
+from megatron.config import checks, compat
 from megatron.config.l2e import L2EConfig
 from megatron.config.loading import merge_yamls, normalize_key
 from megatron.config.schema import (
@@ -104,6 +104,7 @@ class NeoXArgs(ModelArgs, ParallelArgs, OptimizerArgs, TrainingArgs, DataArgs,
     def _build(cls, values: dict, sources: dict, texts: dict) -> "NeoXArgs":
         fields = {f.name: f for f in dataclasses.fields(cls)}
         hints = typing.get_type_hints(cls)
+        checks.check_computed_keys({k: sources[k] for k in values if values[k] is not None})
         kwargs = {}
         for key, value in values.items():
             src = sources[key]
@@ -151,10 +152,13 @@ class NeoXArgs(ModelArgs, ParallelArgs, OptimizerArgs, TrainingArgs, DataArgs,
                                   f"missing; add it to one of the config files")
         if self.max_position_embeddings is None:
             self.max_position_embeddings = self.seq_length
+        checks.check_ranges(self, self._where)
+        checks.check_blocks(self, self._where)
         self._check_shapes()
         self.attention_config = self._expand_attention()
         self.precision = self._derive_precision()
         self._derive_lr()
+        checks.check_lr(self, self._where)
         self.is_pipe_parallel = self.pipe_parallel_size >= 1
         for split in ("train", "valid", "test"):
             paths = getattr(self, f"{split}_data_paths")
@@ -239,15 +243,26 @@ class NeoXArgs(ModelArgs, ParallelArgs, OptimizerArgs, TrainingArgs, DataArgs,
         return found or self.precision or "fp32"
 
     def _derive_lr(self) -> None:
+        """lr comes from optimizer.params.lr (NeoX); a top-level lr must agree with it."""
+        given = self.lr if "lr" in self._sources else None
         if self.optimizer is None:
+            if given is not None:
+                raise ConfigError(f"{self._where('lr')}: lr is read from optimizer.params.lr; "
+                                  f"write optimizer: {{type: Adam, params: {{lr: {given:g}}}}} "
+                                  f"instead of lr")
             return
         params = self.optimizer.get("params", {})
         if "type" not in self.optimizer or not isinstance(params, dict):
             raise ConfigError(f"{self._where('optimizer')}: optimizer must look like "
                               f"{{type: Adam, params: {{lr: ...}}}}, got {self.optimizer!r}")
+        self.lr = None
         if "lr" in params:
             self.lr = check_value("optimizer.params.lr", params["lr"], float,
                                   self._where("optimizer"))
+        if given is not None and given != self.lr:
+            raise ConfigError(f"{self._where('lr')}: lr={given:g} is taken from "
+                              f"optimizer.params.lr (={self.lr}); set that instead, e.g. "
+                              f"--override optimizer.params.lr={given:g}, and remove lr")
 
     def configure_world(self, world_size: int) -> None:
         """Set world/data-parallel size and fill the batch triple for ``world_size`` ranks."""
@@ -263,15 +278,24 @@ class NeoXArgs(ModelArgs, ParallelArgs, OptimizerArgs, TrainingArgs, DataArgs,
         if tb is None and mbs is None:
             raise ConfigError(f"{where}: set train_micro_batch_size_per_gpu or "
                               f"train_batch_size")
+        world = f"data-parallel size {dp} (world {world_size})"
         if mbs is None:
             gas = gas or 1
+            if tb % (gas * dp):
+                raise ConfigError(f"{where}: train_batch_size={tb} is not divisible by "
+                                  f"gradient_accumulation_steps={gas} x {world}; change it "
+                                  f"or set train_micro_batch_size_per_gpu")
             mbs = tb // (gas * dp)
         elif tb is None:
             gas = gas or 1
             tb = mbs * gas * dp
         elif gas is None:
+            if tb % (mbs * dp):
+                raise ConfigError(f"{where}: train_batch_size={tb} is not divisible by "
+                                  f"train_micro_batch_size_per_gpu={mbs} x {world}; change "
+                                  f"one of them or set gradient_accumulation_steps")
             gas = tb // (mbs * dp)
-        if min(tb, mbs, gas) < 1 or tb != mbs * gas * dp:
+        if tb != mbs * gas * dp:
             raise ConfigError(
                 f"{where}: train_batch_size={tb} must equal train_micro_batch_size_per_gpu="
                 f"{mbs} x gradient_accumulation_steps={gas} x data-parallel size {dp} "

@@ -79,7 +79,7 @@ class ModelArgs:
     make_vocab_size_divisible_by: int = arg(128, "Vocab is padded to a multiple of this "
                                                  "times model_parallel_size.")
     padded_vocab_size: Optional[int] = arg(None, "Set from the tokenizer's vocab size "
-                                                 "(args.set_vocab_size).")
+                                                 "(args.set_vocab_size).", derived=True)
     output_layer_parallelism: Literal["column"] = arg("column", "How the head is split.")
     precision: Optional[Literal["fp16", "fp32", "bfloat16"]] = arg(
         None, "Derived from the fp16/bf16 dicts (an fp16 dict with type bfloat16 "
