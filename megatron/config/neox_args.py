@@ -22,7 +22,7 @@ from megatron.config import checks, compat
 from megatron.config.l2e import L2EConfig
 from megatron.config.loading import merge_yamls, normalize_key
 from megatron.config.schema import (
-    NO_OP_KEYS, CheckpointArgs, DataArgs, EvalArgs, L2EArgs, LauncherArgs, LoggingArgs,
+    NO_EFFECT_KEYS, CheckpointArgs, DataArgs, EvalArgs, L2EArgs, LauncherArgs, LoggingArgs,
     ModelArgs, OptimizerArgs, ParallelArgs, PerformanceArgs, TrainingArgs,
 )
 from megatron.config.types import check_value, nearest_hint
@@ -30,6 +30,8 @@ from megatron.errors import ConfigError
 
 # Command-line overrides, saved next to the YAML files in every checkpoint's configs/.
 OVERRIDES_FILE = "command_line_overrides.yml"
+# The run summary (megatron.training.summary), saved there too; not a config file.
+SUMMARY_FILE = "run_summary.yml"
 
 log = logging.getLogger(__name__)
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu",
@@ -85,7 +87,7 @@ class NeoXArgs(ModelArgs, ParallelArgs, OptimizerArgs, TrainingArgs, DataArgs,
     def from_config_dir(cls, folder) -> "NeoXArgs | None":
         """The arguments saved in a checkpoint's ``configs/`` folder (None if it has none)."""
         folder = Path(folder)
-        files = sorted(p for p in folder.glob("*.y*ml") if p.name != OVERRIDES_FILE)
+        files = sorted(p for p in folder.glob("*.y*ml") if p.name not in (OVERRIDES_FILE, SUMMARY_FILE))
         if not files:
             return None
         overrides_path = folder / OVERRIDES_FILE
@@ -135,13 +137,23 @@ class NeoXArgs(ModelArgs, ParallelArgs, OptimizerArgs, TrainingArgs, DataArgs,
         srcs = sorted({self._sources[k] for k in keys if k in self._sources})
         return ", ".join(srcs or sorted(self.config_files or {}) or ["config"])
 
+    def no_effect_keys(self) -> list[tuple[str, str]]:
+        """(key, why) for the NeoX keys this config sets away from their default that
+        change nothing here."""
+        fields = self.__dataclass_fields__
+        out = []
+        for key, why in NO_EFFECT_KEYS.items():
+            f = fields[key]
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            if getattr(self, key) != default:
+                out.append((key, why))
+        return out
+
     def _warn_no_ops(self) -> None:
-        for key in sorted(NO_OP_KEYS & set(self._sources)):
-            field = PerformanceArgs.__dataclass_fields__[key]
-            if getattr(self, key) != field.default and key not in _warned_no_ops:
+        for key, why in self.no_effect_keys():
+            if key not in _warned_no_ops:
                 _warned_no_ops.add(key)
-                log.warning("config key %s is accepted for GPT-NeoX compatibility but has no "
-                            "effect in neox-l2e (%s)", key, field.metadata["help"])
+                log.warning("accepted, no effect here: %s (%s)", key, why)
 
     # ---- derived values -----------------------------------------------------------
 

@@ -131,17 +131,22 @@ class GPT2Dataset(torch.utils.data.Dataset):
                  seq_length, seed, cache_dir=None, use_shared_fs=True):
         self.name = name
         self.indexed_dataset = indexed_dataset
+        # For the run summary: where the index maps live and whether they were cached
+        # before this run (as this rank saw them before any rank built them).
+        self.index_map_paths = index_map_paths(data_prefix, name, num_samples, seq_length,
+                                               seed, cache_dir)
+        self.index_map_cached = all(os.path.isfile(p) for p in self.index_map_paths.values())
         self.doc_idx, self.sample_idx, self.shuffle_idx = load_or_build_index_maps(
             data_prefix, name, indexed_dataset.sizes, documents, num_samples, seq_length,
             seed, cache_dir, use_shared_fs)
         # The cache name does not say which data it was built from: check the shapes.
         tokens = int(np.sum(indexed_dataset.sizes[documents], dtype=np.int64))
         epochs = num_epochs(tokens, seq_length, num_samples)
+        self.num_documents, self.num_tokens, self.num_epochs = len(documents), tokens, epochs
         if (len(self.doc_idx) != epochs * len(documents)
                 or len(self.sample_idx) != (epochs * tokens - 1) // seq_length + 1
                 or len(self.shuffle_idx) != len(self.sample_idx) - 1):
-            path = index_map_paths(data_prefix, name, num_samples, seq_length, seed,
-                                   cache_dir)["sample_idx"]
+            path = self.index_map_paths["sample_idx"]
             raise DataError(f"{path}: stale index map (built for other data); delete the "
                             f"three {name} *_idx.npy files to rebuild them")
 

@@ -9,6 +9,7 @@ from megatron.model.gpt_neox import (
     Head,
     ModelConfig,
     RotaryEmbedding,
+    parameter_counts,
 )
 from megatron.model.init import init_std, init_weights
 
@@ -24,4 +25,5 @@ __all__ = [
     "RotaryEmbedding",
     "init_std",
     "init_weights",
+    "parameter_counts",
 ]
