@@ -129,6 +129,10 @@ class NeoXArgs(ModelArgs, ParallelArgs, OptimizerArgs, TrainingArgs, DataArgs,
         args._sources = dict(sources)
         args._batch_given = {k: kwargs[k] for k in BATCH_KEYS if kwargs.get(k) is not None}
         args._warn_no_ops()
+        for key in sorted(set(values) & compat.NEOX_RUNTIME_KEYS - _warned_no_ops):
+            _warned_no_ops.add(key)
+            log.warning("accepted, no effect here: %s (GPT-NeoX computes it at run time and "
+                        "writes it into its argument dumps)", key)
         args._derive()
         return args
 

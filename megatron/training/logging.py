@@ -137,7 +137,7 @@ class MetricsLogger:
             group, rank = shared[0], dist.get_rank()
             name = f"{name or group}-rank{rank}"
         return wandb.init(project=args.wandb_project, entity=args.wandb_team, group=group,
-                          name=name, config=args.to_dict(), dir=args.log_dir or None)
+                          name=name, config=args.to_dict(derived=True), dir=args.log_dir or None)
 
     def record_config(self, summary: dict, text: str) -> None:
         """The run summary (derived values) in the wandb config and as TensorBoard text."""
@@ -173,7 +173,7 @@ class MetricsLogger:
             f.write(json.dumps(record) + "\n")
 
     def _emit(self, iteration: int, metrics: dict) -> None:
-        record = {"iteration": iteration, "timestamp": round(time.time(), 3)}
+        record = {"iteration": iteration, "timestamp": time.time()}
         record.update({k: _json_number(v) for k, v in metrics.items()})
         self._append(record)
         if self.wandb is not None and self.is_writer:

@@ -1,6 +1,7 @@
 """metrics.jsonl contents, averaging, resume truncation, console line, NeoX's FLOPs formula."""
 import json
 import math
+import os
 import time
 import types
 from pathlib import Path
@@ -125,3 +126,33 @@ def test_wall_clock_breakdown_goes_to_the_log_line_not_every_micro_step(tmp_path
     assert row["timers/fwd_microstep"] >= 3 * 2.0  # ms per step: three micro-batches of 2 ms
     out = capsys.readouterr().out
     assert "time (ms)" not in out and out.count("fwd_microstep") == 1
+
+
+class _FakeRun:
+    def __init__(self, **kwargs):
+        self.kwargs, self.logged = kwargs, []
+        self.config = types.SimpleNamespace(update=lambda d, allow_val_change: self.logged.append(("config", d)))
+
+    def log(self, metrics, step):
+        self.logged.append((step, metrics))
+
+    def finish(self):
+        pass
+
+
+def test_wandb_gets_host_team_group_name_and_the_run_summary(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.delenv("WANDB_BASE_URL", raising=False)
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: _FakeRun(**kwargs))
+    args = make_args(tmp_path, use_wandb=True, wandb_host="https://wandb.example.org",
+                     wandb_team="lab", wandb_group="sweep", wandb_run_name="l2e-70m",
+                     to_dict=lambda derived=False: {"num_layers": 2, "lr": 1e-3} if derived else {})
+    logger = MetricsLogger(args, GROUPS)
+    logger.record_config({"batch": {"global_batch": 4}}, "batch: ...")
+    logger.log_step(10, step_metrics(1.0))
+    run = logger.wandb
+    assert os.environ["WANDB_BASE_URL"] == "https://wandb.example.org"
+    assert (run.kwargs["entity"], run.kwargs["group"], run.kwargs["name"]) == ("lab", "sweep", "l2e-70m")
+    assert run.kwargs["config"]["lr"] == 1e-3  # derived values too
+    assert ("config", {"run_summary": {"batch": {"global_batch": 4}}}) in run.logged
+    assert any(step == 10 for step, _ in run.logged)
