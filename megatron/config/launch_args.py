@@ -70,9 +70,9 @@ def overrides_from(ns: argparse.Namespace) -> dict:
         try:
             out[key] = parse_yaml(value)
         except yaml.YAMLError as e:
-            raise ConfigError(f"--override {item!r}: the value is not valid YAML"
-                              f"{yaml_problem(e).replace(' line 1:', '')}; quote it or fix the "
-                              f"syntax, e.g. {key}='[1, 2]'") from None
+            problem = yaml_problem(e).replace(" line 1:", "").strip()
+            raise ConfigError(f"--override {item!r}: the value is not valid YAML ({problem}); "
+                              f"fix the syntax or quote the whole KEY=VALUE for the shell") from None
     return out
 
 

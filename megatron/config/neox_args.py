@@ -276,9 +276,9 @@ class NeoXArgs(ModelArgs, ParallelArgs, OptimizerArgs, TrainingArgs, DataArgs,
             self.lr = check_value("optimizer.params.lr", params["lr"], float,
                                   self._where("optimizer"))
         if given is not None and given != self.lr:
-            raise ConfigError(f"{self._where('lr')}: lr={given:g} is taken from "
-                              f"optimizer.params.lr (={self.lr}); set that instead, e.g. "
-                              f"--override optimizer.params.lr={given:g}, and remove lr")
+            raise ConfigError(f"{self._where('lr')}: lr={given:g} would be ignored: the "
+                              f"learning rate is optimizer.params.lr (={self.lr}); set that "
+                              f"instead, e.g. --override optimizer.params.lr={given:g}")
 
     def configure_world(self, world_size: int) -> None:
         """Set world/data-parallel size and fill the batch triple for ``world_size`` ranks."""
