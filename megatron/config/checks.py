@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from megatron.config.types import nearest_hint
+from megatron.config.types import check_value, nearest_hint
 from megatron.errors import ConfigError
 
 # DeepSpeed 0.19's fp16 / bf16 / ZeRO config fields (pydantic names and aliases; kept in
@@ -105,18 +105,15 @@ def check_blocks(args, where) -> None:
     check_block_keys("optimizer", args.optimizer, OPTIMIZER_KEYS, src)
     params = args.optimizer.get("params", {})
     check_block_keys("optimizer.params", params, OPTIMIZER_PARAM_KEYS, src, MOVED_PARAM_KEYS)
-    betas = params.get("betas", (0.9, 0.999))
-    if (not isinstance(betas, (list, tuple)) or len(betas) != 2
-            or not all(_number(b) and 0.0 <= b < 1.0 for b in betas)):
+    # YAML reads 1e-8 (no dot) as a string: coerced like top-level float keys
+    betas = check_value("optimizer.params.betas", params.get("betas", [0.9, 0.999]),
+                        list[float], src)
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
         raise ConfigError(f"{src}: optimizer.params.betas must be two numbers in [0, 1), "
                           f"e.g. [0.9, 0.95]; got {betas!r}")
-    eps = params.get("eps", 1e-8)
-    if not (_number(eps) and math.isfinite(eps) and eps > 0):
+    eps = check_value("optimizer.params.eps", params.get("eps", 1e-8), float, src)
+    if not (math.isfinite(eps) and eps > 0):
         raise ConfigError(f"{src}: optimizer.params.eps must be a number > 0, got {eps!r}")
-
-
-def _number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def _range_error(where, key, value, rule):

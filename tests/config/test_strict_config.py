@@ -160,3 +160,13 @@ def test_malformed_yaml_in_override_value(tmp_path):
 def test_seq_length_zero_from_override(tmp_path):
     assert "seq_length must be an integer >= 1, got 0" in error(parse, tmp_path, "seq_length=0")
     assert math.isclose(parse(tmp_path, "optimizer.params.lr=0.002").lr, 0.002)
+
+
+
+def test_yaml_exponent_strings_in_optimizer_params_are_numbers(tmp_path):
+    """PyYAML reads 1e-08 (no dot) as a string; it is a number here, as at top level."""
+    lines = [f"{k}: {v}" for k, v in BASE.items() if k != "optimizer"]
+    lines.append("optimizer: {type: Adam, params: {lr: 1e-03, eps: 1e-08}}")
+    args = NeoXArgs.from_ymls([write(tmp_path, "run.yml", "\n".join(lines) + "\n")])
+    assert args.lr == 1e-3
+    assert "eps must be a number > 0" in error(load, optimizer={"type": "Adam", "params": {"lr": 1e-3, "eps": "-1e-08"}})
