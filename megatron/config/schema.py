@@ -220,9 +220,9 @@ class LoggingArgs:
                                       "log_interval.")
     log_grad_pct_zeros: bool = arg(False, "Log the fraction of exactly-zero gradient entries "
                                           "per parameter (pct_grad_zeros/*); ZeRO stage 0.")
-    log_optimizer_states: bool = arg(False, "Log optimizer-state norms.",
-                                     no_effect="optimizer-state norms are not logged (ZeRO "
-                                               "shards and flattens the state)")
+    log_optimizer_states: bool = arg(False, "Log the norms of Adam's moments per parameter "
+                                            "(optimizer_state_norms/{exp_avg,exp_avg_sq}/*) "
+                                            "every log_interval; fp32, ZeRO stage 0.")
     peak_theoretical_tflops: Optional[float] = arg(
         None, "Per-GPU peak TFLOPS (e.g. 989 for H100 bf16): adds runtime/mfu and runtime/hfu "
         "and MFU in the log line.")

@@ -8,8 +8,9 @@ compute it here: each distinct tensor counted once (the ``model_parallel`` flags
 engine._mark_for_grad_norm), summed over the model-parallel group.
 
 On log steps the per-parameter keys NeoX names ``gradient_norms/*`` (``log_grad_norm``),
-``pct_grad_zeros/*`` (``log_grad_pct_zeros``) and ``parameter_norms/*``
-(``log_param_norm``) are gathered onto global rank 0, full tensors even when sharded.
+``pct_grad_zeros/*`` (``log_grad_pct_zeros``), ``parameter_norms/*`` (``log_param_norm``)
+and ``optimizer_state_norms/*`` (``log_optimizer_states``) are gathered onto global rank 0,
+full tensors even when sharded.
 """
 from __future__ import annotations
 
@@ -50,6 +51,10 @@ class StepNorms:
             raise ConfigError(f"log_grad_norm / log_grad_pct_zeros: per-parameter gradients "
                               f"are sharded by ZeRO stage {stage}; use zero_optimization.stage 0 "
                               f"for them (train/grad_norm, the global norm, is always logged)")
+        if args.log_optimizer_states and not self.plain_optimizer:
+            raise ConfigError("log_optimizer_states: DeepSpeed's ZeRO and 16-bit optimizers keep "
+                              "the Adam state in flat shards; use fp32 with zero_optimization.stage "
+                              "0 for per-parameter optimizer-state norms")
         if args.log_param_norm and stage > 2:
             raise ConfigError("log_param_norm: ZeRO stage 3 shards the parameters; use stage "
                               "0-2 for per-parameter norms")
@@ -93,6 +98,8 @@ class StepNorms:
         if not self.plain_optimizer:
             norm = self.engine.get_global_grad_norm()
             self.grad_norm = None if norm is None else float(norm)
+        if self.args.log_optimizer_states and is_log_step(self.args, self.engine.global_steps + 1):
+            self._details.update(self._optimizer_state_norms())
 
     def metrics(self) -> dict:
         """``train/grad_norm`` and, on log steps, the per-parameter keys (then cleared)."""
@@ -145,6 +152,19 @@ class StepNorms:
             counted = _counted_here(p, self.groups.tp_rank)
             rows.append((float(value.square().sum()) if counted else 0.0, 0.0, 0.0))
         return {f"parameter_norms/{name}": math.sqrt(sq) for name, (sq, _, _) in self._gather(rows).items()}
+
+    def _optimizer_state_norms(self) -> dict:
+        """Norms of Adam's moments (``exp_avg``, ``exp_avg_sq``) per parameter, after the update."""
+        state = self.engine.optimizer.state
+        keys = ("exp_avg", "exp_avg_sq")
+        rows = []
+        for _, p in self.params:
+            moments = state.get(p, {})
+            counted = _counted_here(p, self.groups.tp_rank)
+            rows.append(tuple(float(moments[k].float().square().sum()) if counted and k in moments
+                              else 0.0 for k in keys) + (0.0,))
+        return {f"optimizer_state_norms/{key}/{name}": math.sqrt(row[i])
+                for name, row in self._gather(rows).items() for i, key in enumerate(keys)}
 
     def _gather(self, rows) -> dict:
         """Sum the rows over tensor-parallel shards, then collect every pipeline stage's on

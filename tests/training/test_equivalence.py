@@ -28,7 +28,8 @@ BASE = {
     "l2e": {"enabled": False}, "save": None, "log_dir": None, "log_interval": 1,
 }
 # Per-parameter norms on every step (ZeRO-0 layouts; ZeRO shards the gradients).
-PER_PARAM = {"log_grad_norm": True, "log_param_norm": True, "log_grad_pct_zeros": True}
+PER_PARAM = {"log_grad_norm": True, "log_param_norm": True, "log_grad_pct_zeros": True,
+             "log_optimizer_states": True}
 
 
 class _RandomTokens:
@@ -165,7 +166,8 @@ def _check_losses(results, single, per_param=True):
         return
     writer = results[0]["norms"]  # global rank 0 gathers the per-parameter norms
     # (exact-zero gradient counts are rounding-dependent: checked to exist, not to match)
-    per_param = [k for k in writer[0] if k.startswith(("gradient_norms/", "parameter_norms/"))]
+    per_param = [k for k in writer[0] if k.startswith(("gradient_norms/", "parameter_norms/",
+                                                       "optimizer_state_norms/exp_avg/"))]
     assert len(per_param) > 0 and any(k.startswith("pct_grad_zeros/") for k in writer[0])
     for got, want in zip(writer, single["norms"]):
         assert set(got) >= set(per_param)

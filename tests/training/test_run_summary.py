@@ -177,3 +177,23 @@ def test_index_map_cache_hit_is_reported(tmp_path):
     second = GPT2Dataset("train", str(tmp_path / "austen"), docs, indexed, 20, 32, 1)
     assert (first.index_map_cached, second.index_map_cached) == (False, True)
     assert second.index_map_paths == first.index_map_paths
+
+
+@pytest.mark.parametrize("key, stage, match", [
+    ("log_grad_norm", 1, "sharded by ZeRO stage 1"),
+    ("log_grad_pct_zeros", 2, "sharded by ZeRO stage 2"),
+    ("log_optimizer_states", 1, "flat shards"),
+    ("log_param_norm", 3, "ZeRO stage 3"),
+])
+def test_per_parameter_logging_that_zero_shards_is_a_one_line_error(key, stage, match):
+    from megatron.errors import ConfigError
+    from megatron.parallel import ParallelGroups
+    from megatron.training.norms import StepNorms
+
+    args = types.SimpleNamespace(log_grad_norm=False, log_grad_pct_zeros=False,
+                                 log_param_norm=False, log_optimizer_states=False)
+    setattr(args, key, True)
+    engine = types.SimpleNamespace(optimizer=object(), zero_optimization_stage=lambda: stage,
+                                   module=torch.nn.Linear(2, 2))
+    with pytest.raises(ConfigError, match=match):
+        StepNorms(args, engine, ParallelGroups.single())
