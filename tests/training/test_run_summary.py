@@ -75,6 +75,7 @@ def _args(overrides):
     return args
 
 
+@pytest.mark.slow  # shares one ~15 s training run (the tiny_run fixture)
 def test_summary_block_has_the_right_numbers(tiny_run):
     from megatron.data.data_utils import split_boundaries
     from megatron.data.indexed_dataset import MMapIndexedDataset
@@ -111,6 +112,7 @@ def test_summary_block_has_the_right_numbers(tiny_run):
     assert again.num_layers == 2 and again.rope_fusion
 
 
+@pytest.mark.slow  # shares one ~15 s training run (the tiny_run fixture)
 def test_metrics_rows_have_timestamp_consumed_samples_and_timers(tiny_run):
     rows = [json.loads(line) for line in (tiny_run.path / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows] == [1, 2]
@@ -123,6 +125,7 @@ def test_metrics_rows_have_timestamp_consumed_samples_and_timers(tiny_run):
     assert "time (ms) |" not in tiny_run.console  # DeepSpeed's per-micro-batch prints
 
 
+@pytest.mark.slow  # shares one ~15 s training run (the tiny_run fixture)
 def test_grad_norm_equals_plain_pytorch_reference(tiny_run):
     """Step 1's logged train/grad_norm is clip_grad_norm_'s norm for the same weights and batch."""
     from megatron.checkpoint_format import load_model
@@ -141,6 +144,7 @@ def test_grad_norm_equals_plain_pytorch_reference(tiny_run):
     assert rows[0]["train/grad_norm"] == pytest.approx(reference, rel=1e-4)
 
 
+@pytest.mark.slow  # shares one ~15 s training run (the tiny_run fixture)
 def test_checkpoint_validation_passes_and_catches_wrong_weights(tiny_run):
     from megatron.checkpoint_format import load_model
     from megatron.errors import CheckpointError
@@ -159,6 +163,7 @@ def test_checkpoint_validation_passes_and_catches_wrong_weights(tiny_run):
         validate_checkpoint(args, live, ParallelGroups.single(), str(ckpt), 4096)
 
 
+@pytest.mark.slow  # shares one ~15 s training run (the tiny_run fixture)
 def test_profile_trace_is_written_for_the_chosen_steps(tiny_run):
     trace = tiny_run.path / "logs" / "profile" / "rank00000_steps2-2.json"
     events = json.loads(trace.read_text())["traceEvents"]
