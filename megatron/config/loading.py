@@ -11,6 +11,10 @@ import yaml
 
 from megatron.errors import ConfigError
 
+# The run summary (megatron.training.summary) saved in every checkpoint's configs/
+# beside the config files; it describes the run and is not a config.
+SUMMARY_FILE = "run_summary.yml"
+
 
 def normalize_key(key) -> str:
     return str(key).replace("-", "_")
@@ -81,10 +85,15 @@ def read_yaml(path: str) -> tuple[str, dict]:
 
 
 def merge_yamls(paths) -> tuple[dict, dict, dict]:
-    """Merge files into (values, key -> source file, basename -> raw text)."""
+    """Merge files into (values, key -> source file, basename -> raw text).
+
+    A checkpoint's run summary (``SUMMARY_FILE``) is skipped, so ``configs/*.yml`` of a
+    checkpoint can be passed as they are."""
     values, sources, texts = {}, {}, {}
     for path in paths:
         name = os.path.basename(path)
+        if name == SUMMARY_FILE:
+            continue
         if name in texts:
             raise ConfigError(f"two config files are both named {name}; rename one "
                               f"(checkpoints store configs by file name)")

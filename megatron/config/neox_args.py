@@ -30,8 +30,6 @@ from megatron.errors import ConfigError
 
 # Command-line overrides, saved next to the YAML files in every checkpoint's configs/.
 OVERRIDES_FILE = "command_line_overrides.yml"
-# The run summary (megatron.training.summary), saved there too; not a config file.
-SUMMARY_FILE = "run_summary.yml"
 
 log = logging.getLogger(__name__)
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu",
@@ -87,7 +85,7 @@ class NeoXArgs(ModelArgs, ParallelArgs, OptimizerArgs, TrainingArgs, DataArgs,
     def from_config_dir(cls, folder) -> "NeoXArgs | None":
         """The arguments saved in a checkpoint's ``configs/`` folder (None if it has none)."""
         folder = Path(folder)
-        files = sorted(p for p in folder.glob("*.y*ml") if p.name not in (OVERRIDES_FILE, SUMMARY_FILE))
+        files = sorted(p for p in folder.glob("*.y*ml") if p.name != OVERRIDES_FILE)
         if not files:
             return None
         overrides_path = folder / OVERRIDES_FILE

@@ -15,7 +15,7 @@ import os
 import torch.distributed as dist
 import yaml
 
-from megatron.config.neox_args import SUMMARY_FILE
+from megatron.config.loading import SUMMARY_FILE
 from megatron.model import parameter_counts
 
 

@@ -108,8 +108,13 @@ def test_summary_block_has_the_right_numbers(tiny_run):
     # the summary does not break rebuilding the arguments from the checkpoint
     from megatron.config import NeoXArgs
 
-    again = NeoXArgs.from_config_dir(tiny_run.path / "ckpt" / "global_step2" / "configs")
+    configs = tiny_run.path / "ckpt" / "global_step2" / "configs"
+    again = NeoXArgs.from_config_dir(configs)
     assert again.num_layers == 2 and again.rope_fusion
+    # configs/*.yml passed as they are (deepy.py train.py ckpt/configs/*.yml): summary skipped
+    files = sorted(str(p) for p in configs.glob("*.yml") if p.name != "command_line_overrides.yml")
+    assert any(f.endswith("run_summary.yml") for f in files)
+    assert NeoXArgs.from_ymls(files).num_layers == 4  # tiny.yml's own value, without overrides
 
 
 @pytest.mark.slow  # shares one ~15 s training run (the tiny_run fixture)
