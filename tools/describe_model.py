@@ -30,20 +30,14 @@ def vocab_size_of(args, override):
 
 
 def describe(args) -> dict:
-    import torch
-
-    from megatron.model import GPTNeoX
+    from megatron.model import parameter_counts
 
     cfg = args.model_config()
-    with torch.device("meta"):
-        model = GPTNeoX(cfg)
-    total = sum(p.numel() for p in model.parameters())
-    embedding = sum(p.numel() for name, p in model.named_parameters()
-                    if name.startswith(("embed.", "head.")))
+    total, non_embedding = parameter_counts(cfg)
     head_dim = cfg.hidden_size // cfg.num_heads
     return {
         "total_params": total,
-        "non_embedding_params": total - embedding,
+        "non_embedding_params": non_embedding,
         "padded_vocab_size": cfg.vocab_size,
         "num_layers": cfg.num_layers,
         "hidden_size": cfg.hidden_size,

@@ -13,6 +13,7 @@ import os
 
 import yaml
 
+from megatron.config.loading import normalize_key, parse_yaml, yaml_problem
 from megatron.errors import ConfigError
 
 NEOX_CONFIG_FLAG = "--neox_config"
@@ -58,11 +59,23 @@ def overrides_from(ns: argparse.Namespace) -> dict:
     keys = ("hostfile", "eval_tasks", "eval_num_fewshot", "eval_include_path", "load", "iteration",
             "eval_results_prefix", "wandb_group", "wandb_team", "wandb_run_name")
     out = {k: getattr(ns, k) for k in keys if getattr(ns, k) is not None}
+    given = {normalize_key(k): f"--{k}" for k in out}
     for item in ns.override:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--override {item!r}: write KEY=VALUE, e.g. train_iters=14300")
-        out[key] = yaml.safe_load(value)
+        name = normalize_key(key)
+        clash = [g for g in given if g == name or g.startswith(name + ".") or name.startswith(g + ".")]
+        if clash:
+            raise ConfigError(f"--override {item!r}: '{key}' is already set on the command line "
+                              f"(by {given[clash[0]]}); give each key once")
+        given[name] = f"--override {item}"
+        try:
+            out[key] = parse_yaml(value)
+        except yaml.YAMLError as e:
+            problem = yaml_problem(e).replace(" line 1:", "").strip()
+            raise ConfigError(f"--override {item!r}: the value is not valid YAML ({problem}); "
+                              f"fix the syntax or quote the whole KEY=VALUE for the shell") from None
     return out
 
 

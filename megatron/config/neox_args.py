@@ -18,11 +18,11 @@ from pathlib import Path
 
 import yaml
 
-from megatron.config import compat
+from megatron.config import checks, compat
 from megatron.config.l2e import L2EConfig
 from megatron.config.loading import merge_yamls, normalize_key
 from megatron.config.schema import (
-    NO_OP_KEYS, CheckpointArgs, DataArgs, EvalArgs, GenerationArgs, L2EArgs, LauncherArgs,
+    NO_EFFECT_KEYS, CheckpointArgs, DataArgs, EvalArgs, GenerationArgs, L2EArgs, LauncherArgs,
     LoggingArgs, ModelArgs, OptimizerArgs, ParallelArgs, PerformanceArgs, TrainingArgs,
 )
 from megatron.config.types import check_value, nearest_hint
@@ -111,6 +111,7 @@ class NeoXArgs(ModelArgs, ParallelArgs, OptimizerArgs, TrainingArgs, DataArgs,
     def _build(cls, values: dict, sources: dict, texts: dict) -> "NeoXArgs":
         fields = {f.name: f for f in dataclasses.fields(cls)}
         hints = typing.get_type_hints(cls)
+        checks.check_computed_keys({k: sources[k] for k in values if values[k] is not None})
         kwargs = {}
         for key, value in values.items():
             src = sources[key]
@@ -133,6 +134,10 @@ class NeoXArgs(ModelArgs, ParallelArgs, OptimizerArgs, TrainingArgs, DataArgs,
         args._sources = dict(sources)
         args._batch_given = {k: kwargs[k] for k in BATCH_KEYS if kwargs.get(k) is not None}
         args._warn_no_ops()
+        for key in sorted(set(values) & compat.NEOX_RUNTIME_KEYS - _warned_no_ops):
+            _warned_no_ops.add(key)
+            log.warning("accepted, no effect here: %s (GPT-NeoX computes it at run time and "
+                        "writes it into its argument dumps)", key)
         args._derive()
         return args
 
@@ -141,13 +146,23 @@ class NeoXArgs(ModelArgs, ParallelArgs, OptimizerArgs, TrainingArgs, DataArgs,
         srcs = sorted({self._sources[k] for k in keys if k in self._sources})
         return ", ".join(srcs or sorted(self.config_files or {}) or ["config"])
 
+    def no_effect_keys(self) -> list[tuple[str, str]]:
+        """(key, why) for the NeoX keys this config sets away from their default that
+        change nothing here."""
+        fields = self.__dataclass_fields__
+        out = []
+        for key, why in NO_EFFECT_KEYS.items():
+            f = fields[key]
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            if getattr(self, key) != default:
+                out.append((key, why))
+        return out
+
     def _warn_no_ops(self) -> None:
-        for key in sorted(NO_OP_KEYS & set(self._sources)):
-            field = PerformanceArgs.__dataclass_fields__[key]
-            if getattr(self, key) != field.default and key not in _warned_no_ops:
+        for key, why in self.no_effect_keys():
+            if key not in _warned_no_ops:
                 _warned_no_ops.add(key)
-                log.warning("config key %s is accepted for GPT-NeoX compatibility but has no "
-                            "effect in neox-l2e (%s)", key, field.metadata["help"])
+                log.warning("accepted, no effect here: %s (%s)", key, why)
 
     # ---- derived values -----------------------------------------------------------
 
@@ -158,10 +173,13 @@ class NeoXArgs(ModelArgs, ParallelArgs, OptimizerArgs, TrainingArgs, DataArgs,
                                   f"missing; add it to one of the config files")
         if self.max_position_embeddings is None:
             self.max_position_embeddings = self.seq_length
+        checks.check_ranges(self, self._where)
+        checks.check_blocks(self, self._where)
         self._check_shapes()
         self.attention_config = self._expand_attention()
         self.precision = self._derive_precision()
         self._derive_lr()
+        checks.check_lr(self, self._where)
         self.is_pipe_parallel = self.pipe_parallel_size >= 1
         for split in ("train", "valid", "test"):
             paths = getattr(self, f"{split}_data_paths")
@@ -246,15 +264,26 @@ class NeoXArgs(ModelArgs, ParallelArgs, OptimizerArgs, TrainingArgs, DataArgs,
         return found or self.precision or "fp32"
 
     def _derive_lr(self) -> None:
+        """lr comes from optimizer.params.lr (NeoX); a top-level lr must agree with it."""
+        given = self.lr if "lr" in self._sources else None
         if self.optimizer is None:
+            if given is not None:
+                raise ConfigError(f"{self._where('lr')}: lr is read from optimizer.params.lr; "
+                                  f"write optimizer: {{type: Adam, params: {{lr: {given:g}}}}} "
+                                  f"instead of lr")
             return
         params = self.optimizer.get("params", {})
         if "type" not in self.optimizer or not isinstance(params, dict):
             raise ConfigError(f"{self._where('optimizer')}: optimizer must look like "
                               f"{{type: Adam, params: {{lr: ...}}}}, got {self.optimizer!r}")
+        self.lr = None
         if "lr" in params:
             self.lr = check_value("optimizer.params.lr", params["lr"], float,
                                   self._where("optimizer"))
+        if given is not None and given != self.lr:
+            raise ConfigError(f"{self._where('lr')}: lr={given:g} would be ignored: the "
+                              f"learning rate is optimizer.params.lr (={self.lr}); set that "
+                              f"instead, e.g. --override optimizer.params.lr={given:g}")
 
     def configure_world(self, world_size: int) -> None:
         """Set world/data-parallel size and fill the batch triple for ``world_size`` ranks."""
@@ -270,15 +299,24 @@ class NeoXArgs(ModelArgs, ParallelArgs, OptimizerArgs, TrainingArgs, DataArgs,
         if tb is None and mbs is None:
             raise ConfigError(f"{where}: set train_micro_batch_size_per_gpu or "
                               f"train_batch_size")
+        world = f"data-parallel size {dp} (world {world_size})"
         if mbs is None:
             gas = gas or 1
+            if tb % (gas * dp):
+                raise ConfigError(f"{where}: train_batch_size={tb} is not divisible by "
+                                  f"gradient_accumulation_steps={gas} x {world}; change it "
+                                  f"or set train_micro_batch_size_per_gpu")
             mbs = tb // (gas * dp)
         elif tb is None:
             gas = gas or 1
             tb = mbs * gas * dp
         elif gas is None:
+            if tb % (mbs * dp):
+                raise ConfigError(f"{where}: train_batch_size={tb} is not divisible by "
+                                  f"train_micro_batch_size_per_gpu={mbs} x {world}; change "
+                                  f"one of them or set gradient_accumulation_steps")
             gas = tb // (mbs * dp)
-        if min(tb, mbs, gas) < 1 or tb != mbs * gas * dp:
+        if tb != mbs * gas * dp:
             raise ConfigError(
                 f"{where}: train_batch_size={tb} must equal train_micro_batch_size_per_gpu="
                 f"{mbs} x gradient_accumulation_steps={gas} x data-parallel size {dp} "

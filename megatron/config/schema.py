@@ -17,11 +17,17 @@ INIT_METHODS = Literal[
     "xavier_normal", "wang_init", "small_init", "single_residual_scaled_normal",
 ]
 SUPPORTED_INITS = ("normal", "scaled_normal", "small_init", "wang_init")
+# Why some NeoX keys change nothing here (shared reasons).
+SDPA_FUSES = "attention runs through SDPA or flash-attn, which fuse the softmax themselves"
+UNFUSED = "a CUDA kernel fusion; the same math runs unfused"
+TORCH_CHECKPOINT = "activation checkpointing is torch.utils.checkpoint, one block at a time"
 
 
-def arg(default, help: str, supported: tuple | None = None, derived: bool = False):
-    """A schema field: default (copied if mutable), help text, optional supported values."""
-    meta = {"help": help, "supported": supported, "derived": derived}
+def arg(default, help: str, supported: tuple | None = None, derived: bool = False,
+        no_effect: str | None = None):
+    """A schema field: default (copied if mutable), help text, optional supported values,
+    and for NeoX keys accepted without effect here, the reason (listed at startup)."""
+    meta = {"help": help, "supported": supported, "derived": derived, "no_effect": no_effect}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -79,7 +85,7 @@ class ModelArgs:
     make_vocab_size_divisible_by: int = arg(128, "Vocab is padded to a multiple of this "
                                                  "times model_parallel_size.")
     padded_vocab_size: Optional[int] = arg(None, "Set from the tokenizer's vocab size "
-                                                 "(args.set_vocab_size).")
+                                                 "(args.set_vocab_size).", derived=True)
     output_layer_parallelism: Literal["column"] = arg("column", "How the head is split.")
     precision: Optional[Literal["fp16", "fp32", "bfloat16"]] = arg(
         None, "Derived from the fp16/bf16 dicts (an fp16 dict with type bfloat16 "
@@ -91,8 +97,9 @@ class ParallelArgs:
     pipe_parallel_size: int = arg(0, "Pipeline stages; 0 = no pipeline module (counts as 1).")
     model_parallel_size: int = arg(1, "Tensor-parallel ranks.")
     pipe_partition_method: str = arg("type:transformer|mlp", "DeepSpeed pipeline partitioning.")
-    distributed_backend: str = arg("nccl", "torch.distributed backend; gloo is used "
-                                           "automatically on CPU.")
+    distributed_backend: str = arg("nccl", "torch.distributed backend.",
+                                   no_effect="nccl on GPUs and gloo on CPU are chosen "
+                                             "automatically")
     world_size: Optional[int] = arg(None, "Total ranks.", derived=True)
     data_parallel_size: Optional[int] = arg(None, "world / (pp * tp).", derived=True)
     is_pipe_parallel: bool = arg(False, "pipe_parallel_size >= 1.", derived=True)
@@ -137,7 +144,8 @@ class TrainingArgs:
     train_iters: Optional[int] = arg(None, "Optimizer steps to train.")
     seed: int = arg(1234, "Seed for init, data order and dropout.")
     checkpoint_activations: bool = arg(False, "Recompute activations in the backward pass.")
-    checkpoint_num_layers: int = arg(1, "Blocks per activation-checkpoint chunk.")
+    checkpoint_num_layers: int = arg(1, "Blocks per activation-checkpoint chunk.",
+                                     no_effect="each block is its own chunk")
     eod_mask_loss: bool = arg(False, "Do not train on predicting end-of-document tokens.")
     exit_interval: Optional[int] = arg(None, "Stop after this many iterations of this run.")
     nan_tolerance: int = arg(10, "Consecutive non-finite (skipped) steps before the run stops.")
@@ -162,7 +170,8 @@ class DataArgs:
     data_impl: Literal["infer", "mmap", "cached"] = arg(
         "infer", "Indexed dataset format.", supported=("infer", "mmap"))
     split: str = arg("969, 30, 1", "train/valid/test split of data_path.")
-    num_workers: int = arg(2, "DataLoader workers.")
+    num_workers: int = arg(2, "DataLoader worker processes reading each rank's samples "
+                              "(0: read in the training process).")
     data_preshuffled: bool = arg(False, "The data is Pythia's pre-shuffled stream of "
                                         "2049-token rows: step t reads rows [t*B, (t+1)*B).")
     pack_impl: Literal["packed", "pack_until_overflow", "unpacked"] = arg(
@@ -171,7 +180,8 @@ class DataArgs:
         "gpt2", "Dataset kind.", supported=("gpt2",))
     train_impl: Literal["normal", "dpo", "rm", "kto", "reinforce"] = arg(
         "normal", "Training objective.", supported=("normal",))
-    allow_chopped: bool = arg(True, "Allow samples cut at the sequence length.")
+    allow_chopped: bool = arg(True, "Allow samples cut at the sequence length.",
+                              no_effect="samples are always packed, none is chopped")
     tokenizer_type: Literal["GPT2BPETokenizer", "HFTokenizer", "HFGPT2Tokenizer",
                             "SPMTokenizer", "CharLevelTokenizer", "TiktokenTokenizer"] = arg(
         "GPT2BPETokenizer", "Tokenizer kind.")
@@ -214,15 +224,27 @@ class LoggingArgs:
     wandb_group: Optional[str] = arg(None, "wandb group.")
     wandb_run_name: Optional[str] = arg(None, "wandb run name.")
     wandb_team: Optional[str] = arg(None, "wandb entity.")
-    wandb_host: str = arg("https://api.wandb.ai", "wandb server.")
-    wandb_init_all_ranks: bool = arg(False, "Start wandb on every rank.")
-    log_grad_norm: bool = arg(False, "Log per-parameter gradient norms.")
-    log_param_norm: bool = arg(False, "Log per-parameter norms.")
-    log_grad_pct_zeros: bool = arg(False, "Log the fraction of zero gradients.")
-    log_optimizer_states: bool = arg(False, "Log optimizer-state norms.")
-    peak_theoretical_tflops: Optional[float] = arg(None, "Per-GPU peak for MFU.")
-    steps_per_print: int = arg(10, "DeepSpeed's own print interval.")
-    wall_clock_breakdown: bool = arg(False, "DeepSpeed timers breakdown.")
+    wandb_host: str = arg("https://api.wandb.ai", "wandb server (WANDB_BASE_URL when unset).")
+    wandb_init_all_ranks: bool = arg(False, "Start wandb on every rank (one group, a run per "
+                                            "rank for system metrics; rank 0 logs training).")
+    log_grad_norm: bool = arg(False, "Log per-parameter gradient norms (gradient_norms/*, "
+                                     "before clipping) every log_interval; ZeRO stage 0. "
+                                     "train/grad_norm, the global norm, is always logged.")
+    log_param_norm: bool = arg(False, "Log per-parameter norms (parameter_norms/*) every "
+                                      "log_interval.")
+    log_grad_pct_zeros: bool = arg(False, "Log the fraction of exactly-zero gradient entries "
+                                          "per parameter (pct_grad_zeros/*); ZeRO stage 0.")
+    log_optimizer_states: bool = arg(False, "Log the norms of Adam's moments per parameter "
+                                            "(optimizer_state_norms/{exp_avg,exp_avg_sq}/*) "
+                                            "every log_interval; fp32, ZeRO stage 0.")
+    peak_theoretical_tflops: Optional[float] = arg(
+        None, "Per-GPU peak TFLOPS (e.g. 989 for H100 bf16): adds runtime/mfu and runtime/hfu "
+        "and MFU in the log line.")
+    steps_per_print: int = arg(10, "DeepSpeed's own print interval.",
+                               no_effect="DeepSpeed's prints are off; our log line follows "
+                                         "log_interval")
+    wall_clock_breakdown: bool = arg(False, "DeepSpeed's timers, as timers/* (ms per step) on "
+                                            "each log line instead of a print per micro-batch.")
 
 
 @dataclass
@@ -285,45 +307,73 @@ class LauncherArgs:
 
 @dataclass
 class PerformanceArgs:
-    """CUDA kernels and memory tricks. Accepted so NeoX configs load; no effect here."""
+    """CUDA kernels, memory tricks and profiling. Most are accepted so NeoX configs load
+    and change nothing here; each says why, and a run lists the ones its config sets."""
 
-    scaled_upper_triang_masked_softmax_fusion: bool = arg(False, "Fused causal softmax "
-                                                                 "(SDPA/flash does this).")
-    scaled_masked_softmax_fusion: bool = arg(False, "Fused masked softmax.")
-    bias_dropout_fusion: bool = arg(False, "Fused bias+dropout.")
-    layernorm_fusion: bool = arg(False, "Fused LayerNorm kernel.")
-    rope_fusion: bool = arg(False, "Fused rotary kernel.")
-    fused_kernels_build_path: Optional[str] = arg(None, "Where NeoX JIT-builds kernels.")
-    fp16_lm_cross_entropy: bool = arg(False, "Cross-entropy in fp16 (always fp32 here).")
-    apply_query_key_layer_scaling: bool = arg(False, "fp16 overflow trick; same math.")
-    attention_softmax_in_fp32: bool = arg(False, "Softmax precision (SDPA decides).")
-    use_cpu_initialization: bool = arg(False, "Init weights on CPU first.")
-    partition_activations: bool = arg(False, "Shard checkpointed activations over TP.")
-    synchronize_each_layer: bool = arg(False, "CUDA sync per checkpointed layer.")
-    contiguous_checkpointing: bool = arg(False, "Contiguous checkpoint buffers.")
-    checkpoint_in_cpu: bool = arg(False, "Offload checkpointed activations.")
-    deepspeed_activation_checkpointing: bool = arg(True, "Use DeepSpeed's checkpointing.")
-    profile_backward: bool = arg(False, "Profile the backward pass.")
-    sequence_parallel: bool = arg(False, "Megatron sequence parallelism.")
-    rotary_save_freqs_buffer: bool = arg(False, "Save inv_freq in checkpoints.")
-    use_shared_fs: bool = arg(True, "Index maps built once on a shared filesystem.")
-    mmap_warmup: bool = arg(False, "Touch every page of the mmap at start.")
-    checkpoint_validation_with_forward_pass: bool = arg(False, "Re-run a forward after load.")
-    memory_profiling: bool = arg(False, "CUDA memory snapshots.")
+    scaled_upper_triang_masked_softmax_fusion: bool = arg(
+        False, "Fused causal softmax.", no_effect=SDPA_FUSES)
+    scaled_masked_softmax_fusion: bool = arg(False, "Fused masked softmax.", no_effect=SDPA_FUSES)
+    bias_dropout_fusion: bool = arg(False, "Fused bias+dropout.", no_effect=UNFUSED)
+    layernorm_fusion: bool = arg(False, "Fused LayerNorm kernel.", no_effect=UNFUSED)
+    rope_fusion: bool = arg(False, "Fused rotary kernel.", no_effect=UNFUSED)
+    fused_kernels_build_path: Optional[str] = arg(None, "Where NeoX JIT-builds kernels.",
+                                                  no_effect="no kernels are built")
+    fp16_lm_cross_entropy: bool = arg(False, "Cross-entropy in fp16.",
+                                      no_effect="the loss is always computed in fp32")
+    apply_query_key_layer_scaling: bool = arg(
+        False, "fp16 overflow trick.", no_effect="it leaves the math unchanged")
+    attention_softmax_in_fp32: bool = arg(False, "Softmax precision.",
+                                          no_effect="SDPA chooses the softmax precision")
+    use_cpu_initialization: bool = arg(False, "Init weights on CPU first.",
+                                       no_effect="every layer is drawn on CPU already")
+    partition_activations: bool = arg(
+        False, "Shard checkpointed activations over TP.",
+        no_effect="checkpointed activations stay whole on each tensor-parallel rank")
+    synchronize_each_layer: bool = arg(False, "CUDA sync per checkpointed layer.",
+                                       no_effect="no per-layer synchronisation is needed")
+    contiguous_checkpointing: bool = arg(False, "Contiguous checkpoint buffers.",
+                                         no_effect=TORCH_CHECKPOINT)
+    checkpoint_in_cpu: bool = arg(False, "Offload checkpointed activations.",
+                                  no_effect=TORCH_CHECKPOINT)
+    deepspeed_activation_checkpointing: bool = arg(True, "Use DeepSpeed's checkpointing.",
+                                                   no_effect=TORCH_CHECKPOINT)
+    profile_backward: bool = arg(False, "Profile the backward pass.",
+                                 no_effect="the `profile` trace covers the backward pass")
+    sequence_parallel: bool = arg(
+        False, "Megatron sequence parallelism.",
+        no_effect="activations are not split along the sequence: same math, more "
+                  "activation memory per tensor-parallel rank")
+    rotary_save_freqs_buffer: bool = arg(False, "Save inv_freq in checkpoints.",
+                                         no_effect="rotary frequencies are recomputed")
+    use_shared_fs: bool = arg(True, "Index maps built once on a shared filesystem (else "
+                                    "once per node).")
+    mmap_warmup: bool = arg(False, "Touch every page of the mmap at start.",
+                            no_effect="pages are read on first use; a full read first only "
+                                      "delays the start")
+    checkpoint_validation_with_forward_pass: bool = arg(
+        False, "After each save, reload the checkpoint on rank 0 and check that it gives the "
+        "live model's loss on a fixed batch (CheckpointError otherwise).")
+    memory_profiling: bool = arg(
+        False, "Record memory over steps profile_step_start..stop: a CUDA allocator snapshot "
+        "per rank (memory_profiling_path, default <log_dir>/memory), on CPU memory columns "
+        "in the profiler trace.")
     memory_profiling_path: Optional[str] = arg(None, "Where to write memory snapshots.")
-    profile: bool = arg(False, "nsys profiling ranges.")
+    profile: bool = arg(False, "torch.profiler trace of steps profile_step_start..stop "
+                               "(rank 0) in <log_dir>/profile/.")
     profile_step_start: int = arg(10, "First profiled step.")
     profile_step_stop: int = arg(12, "Last profiled step.")
-    dump_state: bool = arg(False, "DeepSpeed dump_state.")
+    dump_state: bool = arg(False, "DeepSpeed dump_state.",
+                           no_effect="DeepSpeed's dump_state is not wired up")
 
 
 @dataclass
 class L2EArgs:
     l2e: L2EConfig = field(default_factory=L2EConfig, metadata={
         "help": "Nested L2E block (see the L2E table below).", "supported": None,
-        "derived": False})
+        "derived": False, "no_effect": None})
 
 
 GROUPS = (ModelArgs, ParallelArgs, OptimizerArgs, TrainingArgs, DataArgs, CheckpointArgs,
           LoggingArgs, EvalArgs, GenerationArgs, LauncherArgs, PerformanceArgs, L2EArgs)
-NO_OP_KEYS = frozenset(f.name for f in dataclasses.fields(PerformanceArgs))
+NO_EFFECT_KEYS = {f.name: f.metadata["no_effect"] for g in GROUPS for f in dataclasses.fields(g)
+                  if f.metadata["no_effect"]}

@@ -180,11 +180,34 @@ def make_data_iterator(dataset, args, dp_rank: int, dp_size: int, start_iteratio
     if num_batches == 0:
         raise ConfigError(f"train_micro_batch_size_per_gpu: {mbs} x {dp_size} ranks exceeds "
                           f"the {len(dataset)} samples of the dataset; lower the batch size")
-    b = (start_iteration * gas) % num_batches
+    first = (start_iteration * gas) % num_batches
+    micro_batch = _RankMicroBatches(dataset, per_micro_step, dp_rank * mbs, mbs)
+    order = _cycle(first, num_batches)
+    workers = getattr(args, "num_workers", 0)
+    if workers == 0:
+        yield from map(micro_batch.__getitem__, order)
+        return
+    # Worker processes read ahead (2 micro-batches each); the sampler keeps the order.
+    yield from torch.utils.data.DataLoader(micro_batch, sampler=order, batch_size=None,
+                                           num_workers=workers, pin_memory=torch.cuda.is_available())
+
+
+def _cycle(first: int, n: int):
+    b = first
     while True:
-        start = b * per_micro_step + dp_rank * mbs
-        yield {"text": torch.from_numpy(_read_items(dataset, start, start + mbs))}
-        b = (b + 1) % num_batches
+        yield b
+        b = (b + 1) % n
+
+
+class _RankMicroBatches(torch.utils.data.Dataset):
+    """Item b: this rank's slice of micro-batch b (for DataLoader workers)."""
+
+    def __init__(self, dataset, per_micro_step: int, offset: int, mbs: int):
+        self.dataset, self.per_micro_step, self.offset, self.mbs = dataset, per_micro_step, offset, mbs
+
+    def __getitem__(self, b: int) -> dict:
+        start = b * self.per_micro_step + self.offset
+        return {"text": torch.from_numpy(_read_items(self.dataset, start, start + self.mbs))}
 
 
 def get_batch(text: torch.Tensor, eod_token: int, eod_mask_loss: bool = False):

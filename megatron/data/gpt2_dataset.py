@@ -194,6 +194,7 @@ class GPT2Dataset(torch.utils.data.Dataset):
         # The cache name does not say which data it was built from: check the shapes.
         tokens = int(np.sum(indexed_dataset.sizes[documents], dtype=np.int64))
         epochs = num_epochs(tokens, seq_length, num_samples)
+        self.num_documents, self.num_tokens, self.num_epochs = len(documents), tokens, epochs
         if (len(self.doc_idx) != epochs * len(documents)
                 or len(self.sample_idx) != (epochs * tokens - 1) // seq_length + 1
                 or len(self.shuffle_idx) != len(self.sample_idx) - 1):

@@ -10,6 +10,7 @@ from megatron.model.gpt_neox import (
     KVCache,
     ModelConfig,
     RotaryEmbedding,
+    parameter_counts,
 )
 from megatron.model.init import init_std, init_weights
 
@@ -26,4 +27,5 @@ __all__ = [
     "RotaryEmbedding",
     "init_std",
     "init_weights",
+    "parameter_counts",
 ]

@@ -266,3 +266,14 @@ class GPTNeoX(nn.Module):
         for i, block in enumerate(self.blocks):
             x = block(x) if cache is None else block(x, cache.layer(i))
         return self.head(self.final_norm(x))
+
+
+def parameter_counts(cfg: ModelConfig) -> tuple[int, int]:
+    """(total, non-embedding) parameters, counted on the meta device (no memory);
+    non-embedding leaves out the input embedding and the output head, as Pythia counts."""
+    with torch.device("meta"):
+        model = GPTNeoX(cfg)
+    total = sum(p.numel() for p in model.parameters())
+    embedding = sum(p.numel() for name, p in model.named_parameters()
+                    if name.startswith(("embed.", "head.")))
+    return total, total - embedding

@@ -30,6 +30,7 @@ from megatron.parallel import (
     vocab_parallel_cross_entropy,
 )
 from megatron.training.ds_config import build_ds_config
+from megatron.training.norms import StepNorms
 from megatron.training.optimizer import AnnealingLR, build_optimizer
 from megatron.training.robustness import NonFiniteStepCheck
 
@@ -80,6 +81,7 @@ class Trainer:
     model: torch.nn.Module = None  # the whole model on this rank (for lm-eval); None if pipelined
     tp_group: object = None
     step_check: object = None  # robustness.NonFiniteStepCheck: skips non-finite steps
+    norms: StepNorms = None  # train/grad_norm and the per-parameter norms of each step
 
 
 def _mark_for_grad_norm(model: torch.nn.Module, tp_rank: int, is_pipe: bool):
@@ -177,4 +179,4 @@ def build_trainer(args, groups) -> Trainer:
     # A one-stage pipeline is still a plain callable model (pp=1, as in Pythia's configs).
     whole = not is_pipe or groups.pp_size == 1
     return Trainer(engine=engine, l2e=l2e, is_pipe=is_pipe, model=model if whole else None,
-                   tp_group=tp_group, step_check=step_check)
+                   tp_group=tp_group, step_check=step_check, norms=StepNorms.attach(args, engine, groups))

@@ -19,11 +19,13 @@ from megatron.errors import ConfigError
 METRICS_FILE = "metrics.jsonl"
 
 
-def training_flops_per_iteration(args) -> float:
+def training_flops_per_iteration(args, recompute: bool | None = None) -> float:
     """NeoX's model-FLOPs estimate for one optimizer step of the whole global batch:
     24·c·B·s·L·h²·(1 + s/(6h) + V/(16·L·h)); c = 4 with activation checkpointing
-    (the forward runs twice), else 3 (forward + 2× for backward)."""
-    c = 4 if args.checkpoint_activations else 3
+    (the forward runs twice), else 3 (forward + 2× for backward). ``recompute=False``
+    gives the model FLOPs that MFU counts (NeoX's HFU counts the recomputation)."""
+    recompute = args.checkpoint_activations if recompute is None else recompute
+    c = 4 if recompute else 3
     B, s, L, h, V = (args.train_batch_size, args.seq_length, args.num_layers,
                      args.hidden_size, args.padded_vocab_size)
     return 24 * c * B * s * L * h**2 * (1 + s / (6 * h) + V / (16 * L * h))
@@ -33,6 +35,48 @@ def _json_number(value):
     """Strict JSON has no NaN/inf: write null (the skipped/NaN counters tell why)."""
     value = float(value)
     return value if math.isfinite(value) else None
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
+
+
+def _count(n: float) -> str:
+    """1234567 -> '1.23M'."""
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+class TimerSink:
+    """DeepSpeed's ``wall_clock_breakdown`` timers, collected instead of printed.
+
+    DeepSpeed prints a timer line after every micro-batch (several per step); we take
+    its ``timers.log`` calls, add up the elapsed milliseconds and report them per step
+    as ``timers/<name>`` on the logger's lines.
+    """
+
+    def __init__(self, engine):
+        self.totals: dict[str, float] = {}
+        timers = engine.timers
+
+        def collect(names, normalizer=1.0, reset=True, memory_breakdown=False, ranks=None):
+            for name in names:
+                if name in timers.timers:
+                    elapsed = timers.timers[name].elapsed(reset=reset) / normalizer
+                    self.totals[name] = self.totals.get(name, 0.0) + elapsed
+
+        timers.log = collect
+
+    def drain(self, steps: int) -> dict:
+        out = {f"timers/{name}": total / max(steps, 1) for name, total in self.totals.items()}
+        self.totals.clear()
+        return out
 
 
 def _read_jsonl(path: str) -> list[dict]:
@@ -49,21 +93,25 @@ class MetricsLogger:
     Metrics must already be reduced onto global rank 0, the only rank that writes.
     """
 
-    def __init__(self, args, groups):
+    def __init__(self, args, groups, engine=None):
         self.args = args
         self.world_size = groups.dp_size * groups.tp_size * groups.pp_size
         self.is_writer = not dist.is_initialized() or dist.get_rank() == 0
         self.flops_per_iteration = training_flops_per_iteration(args)
+        self.model_flops_per_iteration = training_flops_per_iteration(args, recompute=False)
+        self.timers = TimerSink(engine) if engine is not None and args.wall_clock_breakdown else None
         self._losses: dict[str, list[float]] = {}
         self._last_time, self._last_iteration = time.perf_counter(), None
         self._truncated = False
         self.path = self.wandb = self.tensorboard = self.progress = None
+        if args.use_wandb and args.wandb_init_all_ranks:
+            self.wandb = self._start_wandb(args)  # collective: every rank joins one group
         if not self.is_writer:
             return
         log_dir = args.log_dir or "logs"
         os.makedirs(log_dir, exist_ok=True)
         self.path = os.path.join(log_dir, METRICS_FILE)
-        if args.use_wandb:
+        if args.use_wandb and not args.wandb_init_all_ranks:
             self.wandb = self._start_wandb(args)
         if args.tensorboard_dir:
             self.tensorboard = self._start_tensorboard(args.tensorboard_dir)
@@ -74,12 +122,29 @@ class MetricsLogger:
 
     @staticmethod
     def _start_wandb(args):
+        """wandb on rank 0, or on every rank (``wandb_init_all_ranks``: one group, runs
+        named by rank, for per-GPU system metrics; only rank 0 logs training metrics)."""
         import wandb
 
         # No API key means no account: keep the run on disk, `wandb sync` it later.
         if "WANDB_API_KEY" not in os.environ:
             os.environ.setdefault("WANDB_MODE", "offline")
-        return wandb.init(project=args.wandb_project, config=args.to_dict(), dir=args.log_dir or None)
+        os.environ.setdefault("WANDB_BASE_URL", args.wandb_host)
+        group, name = args.wandb_group, args.wandb_run_name
+        if args.wandb_init_all_ranks and dist.is_initialized():
+            shared = [group or wandb.util.generate_id()]
+            dist.broadcast_object_list(shared, src=0)
+            group, rank = shared[0], dist.get_rank()
+            name = f"{name or group}-rank{rank}"
+        return wandb.init(project=args.wandb_project, entity=args.wandb_team, group=group,
+                          name=name, config=args.to_dict(derived=True), dir=args.log_dir or None)
+
+    def record_config(self, summary: dict, text: str) -> None:
+        """The run summary (derived values) in the wandb config and as TensorBoard text."""
+        if self.wandb is not None:
+            self.wandb.config.update({"run_summary": summary}, allow_val_change=True)
+        if self.tensorboard is not None:
+            self.tensorboard.add_text("run_summary", f"```\n{text}\n```", 0)
 
     @staticmethod
     def _start_tensorboard(log_dir):
@@ -108,10 +173,10 @@ class MetricsLogger:
             f.write(json.dumps(record) + "\n")
 
     def _emit(self, iteration: int, metrics: dict) -> None:
-        record = {"iteration": iteration}
+        record = {"iteration": iteration, "timestamp": time.time()}
         record.update({k: _json_number(v) for k, v in metrics.items()})
         self._append(record)
-        if self.wandb is not None:
+        if self.wandb is not None and self.is_writer:
             self.wandb.log(metrics, step=iteration)
         if self.tensorboard is not None:
             for key, value in metrics.items():
@@ -133,7 +198,8 @@ class MetricsLogger:
             return
 
         now = time.perf_counter()
-        dt = (now - self._last_time) / max(1, iteration - self._last_iteration)
+        steps = max(1, iteration - self._last_iteration)
+        dt = (now - self._last_time) / steps
         self._last_time, self._last_iteration = now, iteration
         merged = dict(metrics)
         for key, values in self._losses.items():
@@ -141,13 +207,24 @@ class MetricsLogger:
             merged[key] = sum(finite) / len(finite) if finite else math.nan
         self._losses.clear()
         samples_per_sec = self.args.train_batch_size / dt
+        consumed = iteration * self.args.train_batch_size
         merged.update({
+            "train/consumed_samples": consumed,
+            "train/consumed_tokens": consumed * self.args.seq_length,
             "runtime/iteration_time": dt,
             "runtime/steps_per_sec": 1.0 / dt,
             "runtime/samples_per_sec": samples_per_sec,
             "runtime/tokens_per_sec": samples_per_sec * self.args.seq_length,
             "runtime/flops_per_sec_per_gpu": self.flops_per_iteration / (dt * self.world_size),
+            "runtime/eta_seconds": (self.args.train_iters - iteration) * dt,
         })
+        peak = self.args.peak_theoretical_tflops
+        if peak:
+            per_gpu = dt * self.world_size * peak * 1e12
+            merged["runtime/mfu"] = self.model_flops_per_iteration / per_gpu
+            merged["runtime/hfu"] = self.flops_per_iteration / per_gpu
+        if self.timers is not None:
+            merged.update(self.timers.drain(steps))
         self._emit(iteration, merged)
         self._print(iteration, merged)
 
@@ -164,13 +241,20 @@ class MetricsLogger:
 
     def _print(self, iteration: int, m: dict) -> None:
         parts = [
-            f" iteration {iteration:8d}/{self.args.train_iters:8d}",
+            f"{time.strftime('%Y-%m-%d %H:%M:%S')} iteration {iteration:8d}/{self.args.train_iters:8d}",
+            f"consumed samples: {m['train/consumed_samples']:.0f}",
+            f"tokens: {_count(m['train/consumed_tokens'])}",
             f"elapsed time per iteration (ms): {m['runtime/iteration_time'] * 1000:.1f}",
+            f"ETA: {_duration(m['runtime/eta_seconds'])}",
             f"tokens/s: {m.get('runtime/tokens_per_sec', math.nan):.0f}",
             f"learning rate: {m.get('train/learning_rate', math.nan):.3E}",
             f"approx flops per GPU: {m['runtime/flops_per_sec_per_gpu'] / 1e12:.2f}TFLOPS",
-            f"lm_loss: {m.get('train/lm_loss', math.nan):.6E}",
         ]
+        if "runtime/mfu" in m:
+            parts.append(f"MFU: {m['runtime/mfu']:.1%}")
+        parts.append(f"lm_loss: {m.get('train/lm_loss', math.nan):.6E}")
+        if "train/grad_norm" in m:
+            parts.append(f"grad norm: {m['train/grad_norm']:.3f}")
         if "train/l2e_loss" in m:
             parts.append(f"l2e_loss: {m['train/l2e_loss']:.6E}")
         if "train/loss_scale" in m:
@@ -178,6 +262,9 @@ class MetricsLogger:
         parts.append(f"number of skipped iterations: {int(m.get('train/skipped_iters', 0)):3d}")
         parts.append(f"number of nan iterations: {int(m.get('train/nan_iters', 0)):3d}")
         self._write_console(" | ".join(parts) + " |")
+        timers = [f"{k.removeprefix('timers/')}: {v:.1f}" for k, v in m.items() if k.startswith("timers/")]
+        if timers:
+            self._write_console(" time per step (ms) | " + " | ".join(timers))
 
     def _write_console(self, line: str) -> None:
         if self.progress is not None:

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from megatron.errors import ConfigError
+from megatron.training.checkpoint_validation import validate_checkpoint
 from megatron.training.engine import Trainer, build_trainer, lm_loss
 
 
@@ -148,7 +149,7 @@ def pretrain(args) -> dict:
     from megatron.data.data_utils import build_train_valid_test_datasets, make_data_iterator
     from megatron.parallel import ParallelGroups
     from megatron.tokenizer import build_tokenizer
-    from megatron.training import checkpointing, logging, preflight, robustness
+    from megatron.training import checkpointing, logging, preflight, profiling, robustness, summary
 
     _check_runtime_settings(args)
     init_distributed()
@@ -163,7 +164,7 @@ def pretrain(args) -> dict:
     preflight.check_disk_space(args, preflight.model_parameter_count(trainer.engine, groups.dp_size))
 
     iteration = checkpointing.load_checkpoint(args, trainer.engine, groups, l2e=trainer.l2e) if args.load else 0
-    train_ds, valid_ds, _ = build_train_valid_test_datasets(args)
+    train_ds, valid_ds, test_ds = build_train_valid_test_datasets(args)
     pipe = trainer.is_pipe
 
     def batches(dataset, start):
@@ -173,7 +174,9 @@ def pretrain(args) -> dict:
     train_batches = batches(train_ds, iteration)
     valid_batches = batches(valid_ds, 0) if valid_ds is not None and args.eval_iters else None
 
-    logger = logging.MetricsLogger(args, groups)
+    logger = logging.MetricsLogger(args, groups, engine=trainer.engine)
+    summary.announce(args, tokenizer.vocab_size, (train_ds, valid_ds, test_ds), logger)
+    profiler = profiling.StepProfiler(args)
     guard = robustness.NonFiniteLossGuard(args)
     if iteration:
         guard.last_checkpoint = os.path.join(args.load, checkpointing.checkpoint_tag(iteration))
@@ -183,8 +186,11 @@ def pretrain(args) -> dict:
     def save(at):
         nonlocal last_saved
         robustness.check_finite_weights(trainer.engine, at, guard.last_checkpoint)
-        guard.last_checkpoint = checkpointing.save_checkpoint(args, at, trainer.engine, groups, l2e=trainer.l2e)
+        path = checkpointing.save_checkpoint(args, at, trainer.engine, groups, l2e=trainer.l2e)
+        guard.last_checkpoint = path
         last_saved = at
+        if args.checkpoint_validation_with_forward_pass:
+            validate_checkpoint(args, trainer, groups, path, tokenizer.vocab_size)
 
     if iteration == 0 and checkpointing.should_save(args, 0):
         save(0)  # Pythia keeps the initialisation (extra_save_iters starts with 0)
@@ -192,6 +198,7 @@ def pretrain(args) -> dict:
         while iteration < args.train_iters:
             # L2E's detailed metrics cost a little; gather them only for lines that get written
             is_log_step = (iteration + 1) % args.log_interval == 0 or iteration + 1 == args.train_iters
+            profiler.at_step(iteration + 1)
             metrics = train_step(trainer, train_batches, iteration, groups.dp_group, log=is_log_step)
             iteration += 1
             guard.check(iteration, metrics["lm_loss"], metrics["skipped"], metrics["nonfinite"])
@@ -206,6 +213,7 @@ def pretrain(args) -> dict:
         if args.save and last_saved != iteration:
             save(iteration)
     finally:
+        profiler.close()
         preemption.close()
         logger.close()
     return {"iteration": iteration, "lm_loss": losses}
@@ -219,6 +227,7 @@ def _step_metrics(trainer: Trainer, metrics: dict, guard) -> dict:
     if trainer.engine.fp16_enabled():
         out["train/loss_scale"] = loss_scale(trainer.engine)
     out.update(guard.metrics())
+    out.update(trainer.norms.metrics())
     return out
 
 

@@ -73,6 +73,15 @@ def test_resume_skips_exactly_the_consumed_batches(preshuffled):
         assert torch.equal(next(fresh)["text"], next(resumed)["text"])
 
 
+def test_num_workers_reads_the_same_stream_in_order(preshuffled):
+    """DataLoader workers (num_workers) read ahead but yield exactly the in-process stream,
+    including its wrap-around and a resumed start."""
+    plain = make_data_iterator(preshuffled, args_for(4, 2, 2, num_workers=0), 1, 2, start_iteration=3)
+    workers = make_data_iterator(preshuffled, args_for(4, 2, 2, num_workers=2), 1, 2, start_iteration=3)
+    for _ in range(15):  # 96 rows / (4 x 2 ranks) = 12 micro-batches, so this wraps around
+        assert torch.equal(next(plain)["text"], next(workers)["text"])
+
+
 def test_preshuffled_checks_row_width_and_length(tmp_path):
     prefix = write_rows(tmp_path / "doc", [np.zeros(SEQ)] * 4)
     with pytest.raises(DataError, match="seq_length\\+1"):

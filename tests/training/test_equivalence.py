@@ -25,8 +25,11 @@ BASE = {
     "num_layers": 4, "hidden_size": 64, "num_attention_heads": 4,
     "seq_length": 32, "max_position_embeddings": 32,
     "train_iters": 50, "lr_decay_iters": 50, "warmup": 0.04,
-    "l2e": {"enabled": False}, "save": None, "log_dir": None,
+    "l2e": {"enabled": False}, "save": None, "log_dir": None, "log_interval": 1,
 }
+# Per-parameter norms on every step (ZeRO-0 layouts; ZeRO shards the gradients).
+PER_PARAM = {"log_grad_norm": True, "log_param_norm": True, "log_grad_pct_zeros": True,
+             "log_optimizer_states": True}
 
 
 class _RandomTokens:
@@ -80,10 +83,13 @@ def _train(rank, world_size, overrides, steps):
         engine.optimizer.register_step_pre_hook(capture)
     raw = make_data_iterator(_RandomTokens(256, args.seq_length), args, groups.dp_rank, groups.dp_size)
     batches = micro_batches(raw, eod=0, eod_mask_loss=False, pipe=trainer.is_pipe)
-    losses = [train_step(trainer, batches, it, groups.dp_group)["lm_loss"] for it in range(steps)]
+    losses, norms = [], []
+    for it in range(steps):
+        losses.append(train_step(trainer, batches, it, groups.dp_group)["lm_loss"])
+        norms.append(trainer.norms.metrics())
     params = {_layer_key(k): v.detach().clone() for k, v in engine.module.state_dict().items()}
     # numpy, not tensors: torch would share tensor storage with the (exiting) worker
-    return {"losses": losses, "grads": _numpy(first_grads), "params": _numpy(params),
+    return {"losses": losses, "norms": norms, "grads": _numpy(first_grads), "params": _numpy(params),
             "init_params": _numpy(init_params), "tp_rank": groups.tp_rank,
             "pp_rank": groups.pp_rank, "dp_rank": groups.dp_rank}
 
@@ -139,7 +145,7 @@ def _assert_equal_dicts(got: dict, want: dict, what: str):
 @pytest.fixture(scope="module")
 def single():
     overrides = {"train_batch_size": 4, "train_micro_batch_size_per_gpu": 2,
-                 "gradient_accumulation_steps": 2}
+                 "gradient_accumulation_steps": 2, **PER_PARAM}
     (result,) = run_distributed(_train, world_size=1, args=(overrides, STEPS), init_deepspeed=True)
     return _tensors(result)
 
@@ -150,9 +156,23 @@ def _tensors(result: dict) -> dict:
     return result
 
 
-def _check_losses(results, single):
+def _check_losses(results, single, per_param=True):
     for r in results:
         np.testing.assert_allclose(r["losses"], single["losses"], rtol=1e-5)
+        # the global pre-clip gradient norm, on every rank whatever the layout
+        np.testing.assert_allclose([m["train/grad_norm"] for m in r["norms"]],
+                                   [m["train/grad_norm"] for m in single["norms"]], rtol=1e-5)
+    if not per_param:
+        return
+    writer = results[0]["norms"]  # global rank 0 gathers the per-parameter norms
+    # (exact-zero gradient counts are rounding-dependent: checked to exist, not to match)
+    per_param = [k for k in writer[0] if k.startswith(("gradient_norms/", "parameter_norms/",
+                                                       "optimizer_state_norms/exp_avg/"))]
+    assert len(per_param) > 0 and any(k.startswith("pct_grad_zeros/") for k in writer[0])
+    for got, want in zip(writer, single["norms"]):
+        assert set(got) >= set(per_param)
+        np.testing.assert_allclose([got[k] for k in per_param], [want[k] for k in per_param],
+                                   rtol=1e-4, atol=1e-7)
     # the losses actually move, so matching them is not vacuous
     assert single["losses"][0] != single["losses"][-1]
 
@@ -161,7 +181,7 @@ def test_tensor_parallel_matches_single_process(single):
     from megatron.checkpoint_format import merge_tp_shards
 
     overrides = {"model_parallel_size": 2, "train_batch_size": 4, "train_micro_batch_size_per_gpu": 2,
-                 "gradient_accumulation_steps": 2}
+                 "gradient_accumulation_steps": 2, **PER_PARAM}
     results = [_tensors(r) for r in run_distributed(_train, world_size=2, args=(overrides, STEPS), init_deepspeed=True)]
     _check_losses(results, single)
     shards = sorted(results, key=lambda r: r["tp_rank"])
@@ -174,7 +194,7 @@ def test_tensor_parallel_matches_single_process(single):
 
 def test_pipeline_parallel_matches_single_process(single):
     overrides = {"pipe_parallel_size": 2, "train_batch_size": 4, "train_micro_batch_size_per_gpu": 2,
-                 "gradient_accumulation_steps": 2}
+                 "gradient_accumulation_steps": 2, **PER_PARAM}
     results = [_tensors(r) for r in run_distributed(_train, world_size=2, args=(overrides, STEPS), init_deepspeed=True)]
     _check_losses(results, single)
     stage_keys = [set(r["params"]) for r in results]
@@ -190,6 +210,6 @@ def test_data_parallel_zero1_matches_single_process(single):
     overrides = {"zero_optimization": {"stage": 1}, "train_batch_size": 4,
                  "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1}
     results = [_tensors(r) for r in run_distributed(_train, world_size=2, args=(overrides, STEPS), init_deepspeed=True)]
-    _check_losses(results, single)
+    _check_losses(results, single, per_param=False)
     for r in results:  # ZeRO-1 all-gathers the updated partitions into every replica
         _assert_close_dicts(r["params"], single["params"], WEIGHT_TOL, f"DP rank {r['dp_rank']} weights")

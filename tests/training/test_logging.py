@@ -1,6 +1,8 @@
 """metrics.jsonl contents, averaging, resume truncation, console line, NeoX's FLOPs formula."""
 import json
 import math
+import os
+import time
 import types
 from pathlib import Path
 
@@ -15,7 +17,8 @@ def make_args(tmp_path, **overrides):
     values = dict(log_dir=str(tmp_path / "logs"), use_wandb=False, tensorboard_dir=None,
                   wandb_project="neox", train_iters=30, log_interval=10,
                   train_batch_size=4, seq_length=8, num_layers=2, hidden_size=4,
-                  padded_vocab_size=16, checkpoint_activations=False)
+                  padded_vocab_size=16, checkpoint_activations=False, peak_theoretical_tflops=None,
+                  wall_clock_breakdown=False, wandb_init_all_ranks=False)
     values.update(overrides)
     return types.SimpleNamespace(**values)
 
@@ -86,3 +89,70 @@ def test_tensorboard_receives_scalars(tmp_path):
     logger.log_step(1, step_metrics(1.0))
     logger.close()
     assert any(p.name.startswith("events.out.tfevents") for p in tb_dir.iterdir())
+
+
+def test_rows_carry_timestamp_consumed_samples_tokens_eta_and_mfu(tmp_path, capsys):
+    args = make_args(tmp_path, peak_theoretical_tflops=100.0)
+    logger = MetricsLogger(args, GROUPS)
+    before = time.time()
+    for it in range(1, 21):
+        logger.log_step(it, {**step_metrics(1.0), "train/grad_norm": 0.5})
+    first, second = read(tmp_path)
+    assert before <= first["timestamp"] <= second["timestamp"] <= time.time()
+    assert (first["train/consumed_samples"], second["train/consumed_samples"]) == (40, 80)
+    assert second["train/consumed_tokens"] == 80 * 8
+    dt = second["runtime/iteration_time"]
+    assert second["runtime/eta_seconds"] == pytest.approx(10 * dt)
+    model_flops = training_flops_per_iteration(args, recompute=False)
+    assert second["runtime/mfu"] == pytest.approx(model_flops / (dt * 2 * 100e12))
+    out = capsys.readouterr().out
+    assert "consumed samples: 80" in out and "ETA: 0:00:00" in out and "grad norm: 0.500" in out
+    assert "MFU: " in out and "tokens: 640" in out
+
+
+def test_wall_clock_breakdown_goes_to_the_log_line_not_every_micro_step(tmp_path, capsys):
+    from deepspeed.utils.timer import SynchronizedWallClockTimer
+
+    engine = types.SimpleNamespace(timers=SynchronizedWallClockTimer())
+    logger = MetricsLogger(make_args(tmp_path, wall_clock_breakdown=True, log_interval=2), GROUPS, engine=engine)
+    for it in (1, 2):
+        for _ in range(3):  # micro-batches: DeepSpeed calls timers.log after each
+            engine.timers("fwd_microstep").start()
+            time.sleep(0.002)
+            engine.timers("fwd_microstep").stop()
+            engine.timers.log(["fwd_microstep"])
+        logger.log_step(it, step_metrics(1.0))
+    (row,) = read(tmp_path)
+    assert row["timers/fwd_microstep"] >= 3 * 2.0  # ms per step: three micro-batches of 2 ms
+    out = capsys.readouterr().out
+    assert "time (ms)" not in out and out.count("fwd_microstep") == 1
+
+
+class _FakeRun:
+    def __init__(self, **kwargs):
+        self.kwargs, self.logged = kwargs, []
+        self.config = types.SimpleNamespace(update=lambda d, allow_val_change: self.logged.append(("config", d)))
+
+    def log(self, metrics, step):
+        self.logged.append((step, metrics))
+
+    def finish(self):
+        pass
+
+
+def test_wandb_gets_host_team_group_name_and_the_run_summary(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.delenv("WANDB_BASE_URL", raising=False)
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: _FakeRun(**kwargs))
+    args = make_args(tmp_path, use_wandb=True, wandb_host="https://wandb.example.org",
+                     wandb_team="lab", wandb_group="sweep", wandb_run_name="l2e-70m",
+                     to_dict=lambda derived=False: {"num_layers": 2, "lr": 1e-3} if derived else {})
+    logger = MetricsLogger(args, GROUPS)
+    logger.record_config({"batch": {"global_batch": 4}}, "batch: ...")
+    logger.log_step(10, step_metrics(1.0))
+    run = logger.wandb
+    assert os.environ["WANDB_BASE_URL"] == "https://wandb.example.org"
+    assert (run.kwargs["entity"], run.kwargs["group"], run.kwargs["name"]) == ("lab", "sweep", "l2e-70m")
+    assert run.kwargs["config"]["lr"] == 1e-3  # derived values too
+    assert ("config", {"run_summary": {"batch": {"global_batch": 4}}}) in run.logged
+    assert any(step == 10 for step, _ in run.logged)
