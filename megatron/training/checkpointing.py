@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from megatron.errors import CheckpointError
+from megatron.training import elastic
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +228,7 @@ def save_checkpoint(args, iteration: int, engine, groups, l2e=None) -> str:
     """Save everything needed to resume at ``iteration``; returns the checkpoint dir.
 
     Every rank must call this (DeepSpeed and the barriers are collective). ``groups``
-    is not needed: DeepSpeed knows the layout and our files are keyed by global rank.
+    places this rank in the ``layout`` its mp_rank file records (read on resume elsewhere).
     Assumes ``args.save`` is one filesystem shared by all nodes, as NeoX does.
     """
     directory, tag = args.save, checkpoint_tag(iteration)
@@ -238,7 +239,8 @@ def save_checkpoint(args, iteration: int, engine, groups, l2e=None) -> str:
         _sweep_leftovers(directory)
     _barrier()
 
-    client_state = {"iteration": iteration, "args": _neox_args_summary(args)}
+    client_state = {"iteration": iteration, "args": _neox_args_summary(args),
+                    "layout": elastic.layout_state(args, engine, groups) if groups is not None else None}
     engine.save_checkpoint(directory, tag=tmp_tag, client_state=client_state, save_latest=False)
     tmp_dir = os.path.join(directory, tmp_tag)
     extra = {
@@ -313,7 +315,8 @@ def load_checkpoint(args, engine, groups, l2e=None) -> int:
     A full checkpoint (ours) restores weights, optimizer, LR schedule, RNG and L2E
     state exactly. A weights-only checkpoint (no extra-state files, e.g. from
     tools/ckpts/convert_hf_to_neox.py) or ``finetune: true`` loads only the weights
-    and starts at iteration 0. Like ``save_checkpoint`` it needs no ``groups``.
+    and starts at iteration 0. A checkpoint from another parallel layout goes through
+    ``elastic.load_other_layout``.
     """
     directory = args.load
     if not directory:
@@ -334,6 +337,9 @@ def load_checkpoint(args, engine, groups, l2e=None) -> int:
         _say(f"loaded weights only from {ckpt_dir}; training starts at iteration 0")
         _load_module_only(engine, ckpt_dir)
         return 0
+    if groups is not None and elastic.needs_elastic(elastic.saved_layout(ckpt_dir),
+                                                    elastic.current_layout(args, engine)):
+        return elastic.load_other_layout(args, engine, groups, ckpt_dir, l2e)
     if not has_extra:
         raise CheckpointError(
             f"load: {extra_path} is missing; {ckpt_dir} was saved with fewer ranks than this "
