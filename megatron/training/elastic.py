@@ -466,7 +466,7 @@ def load_other_layout(args, engine, groups, ckpt_dir: str, l2e=None) -> int:
     engine.skipped_steps = int(meta0.get("skipped_steps", 0))
     _keep_global_batch(args, engine, saved)
     extras = source.extra_states()
-    if not args.no_load_rng and _rank() in extras:
+    if not args.no_load_rng and extras.get(_rank(), {}).get("rng") is not None:
         set_rng_state(extras[_rank()]["rng"])  # per process: the same stream only where this rank existed
     if l2e is not None:
         _load_l2e(l2e, source, extras, groups, args.l2e.sync_stats)

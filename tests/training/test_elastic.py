@@ -4,10 +4,16 @@ steps 7-10 match the uninterrupted run (fp32, gloo, L2E regularize on).
 One module-scoped fixture runs everything in three process launches: the uninterrupted
 references on one and on two processes, then the resumed runs on the other count.
 """
+import importlib.util
+import shutil
+from pathlib import Path
+
 import pytest
+import torch
 
 from distributed import run_distributed
-from test_resume import TINY, tiny_overrides
+from megatron.training import elastic
+from test_resume import ROOT, TINY, tiny_overrides
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -24,6 +30,13 @@ LAYOUTS = {
 PAIRS = [("pp0", "tp2"), ("tp2", "pp0"), ("pp0", "pp2"), ("pp2", "pp0"),
          ("dp2_zero1", "dp1_zero1"), ("dp1_zero1", "dp2_zero1"), ("dp2_zero2", "pp0")]
 REL_TOL = 1e-5
+
+
+def _reshard_cli():
+    spec = importlib.util.spec_from_file_location("reshard", ROOT / "tools" / "ckpts" / "reshard.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
 
 
 def _run_all(rank, world_size, runs):
@@ -51,9 +64,15 @@ def results(tmp_path_factory):
         runs = [(n, _reference(tmp, n)) for n, (ws, _) in LAYOUTS.items() if ws == size]
         runs += [(f"{s}->{t}", _resumed(tmp, s, t)) for s, t in PAIRS
                  if LAYOUTS[t][0] == size and LAYOUTS[s][0] != size and s in out]
+        if size == 2:  # the offline route: reshard the pp0 checkpoint to tp2 and resume there
+            _reshard_cli()(["--input", str(tmp / "pp0" / "full"), "--iteration", "6",
+                            "--output", str(tmp / "resharded_tp2"), "--tp", "2", "--pp", "0"])
+            runs.append(("resharded->tp2", tiny_overrides(tmp / "resharded-run", **LAYOUTS["tp2"][1],
+                                                          load=str(tmp / "resharded_tp2"), checkpoint_factor=100)))
         out.update(run_distributed(_run_all, world_size=size, args=(runs,), init_deepspeed=True, timeout=900)[0])
     runs = [(f"{s}->{t}", _resumed(tmp, s, t)) for s, t in PAIRS if LAYOUTS[t][0] == 1 and f"{s}->{t}" not in out]
     out.update(run_distributed(_run_all, world_size=1, args=(runs,), init_deepspeed=True, timeout=900)[0])
+    out["tmp"] = tmp
     return out
 
 
@@ -63,3 +82,51 @@ def test_resume_on_another_layout_continues_the_run(results, source, target):
     assert resumed["iteration"] == 10 and len(resumed["lm_loss"]) == 4
     for step, (want, got) in enumerate(zip(full["lm_loss"][6:], resumed["lm_loss"]), start=7):
         assert abs(got - want) <= REL_TOL * abs(want), f"step {step}: {got} vs uninterrupted {want}"
+
+
+def test_resharded_checkpoint_resumes_on_its_layout(results):
+    full, resumed = results["pp0"], results["resharded->tp2"]
+    assert resumed["iteration"] == 10
+    for want, got in zip(full["lm_loss"][6:], resumed["lm_loss"]):
+        assert abs(got - want) <= REL_TOL * abs(want)
+
+
+def _module(step_dir, tp_rank=0):
+    return torch.load(Path(step_dir) / f"mp_rank_{tp_rank:02d}_model_states.pt", weights_only=False)["module"]
+
+
+def test_reshard_round_trip_tp1_tp2_tp1_is_bit_exact(results, tmp_path):
+    tmp = results["tmp"]
+    _reshard_cli()(["--input", str(tmp / "resharded_tp2"), "--output", str(tmp_path / "back"), "--tp", "1",
+                    "--pp", "0"])
+    before, after = _module(tmp / "pp0" / "full" / "global_step6"), _module(tmp_path / "back" / "global_step6")
+    assert before.keys() == after.keys()
+    for key in before:
+        assert torch.equal(before[key], after[key]), key
+    # the tp2 files really are shards: the row-parallel bias is halved, the qkv rows split
+    shard = _module(tmp / "resharded_tp2" / "global_step6", 1)
+    key = "sequential.2.attention.dense.bias"
+    assert torch.equal(shard[key], before[key] / 2)
+    assert shard["sequential.2.attention.query_key_value.weight"].shape[0] * 2 == \
+        before["sequential.2.attention.query_key_value.weight"].shape[0]
+
+
+def test_reshard_refuses_an_existing_output(results, capsys):
+    tmp = results["tmp"]
+    with pytest.raises(SystemExit) as e:
+        _reshard_cli()(["--input", str(tmp / "pp0" / "full"), "--output", str(tmp / "tp2"), "--tp", "2", "--pp", "0"])
+    assert e.value.code == 2 and "already exists" in capsys.readouterr().err
+
+
+def test_layout_of_a_checkpoint_without_one_is_inferred_from_its_files(results, tmp_path):
+    for name in ("pp2", "dp2_zero1", "tp2"):
+        step = results["tmp"] / name / "full" / "global_step6"
+        recorded = elastic.saved_layout(str(step))
+        old = tmp_path / name
+        shutil.copytree(step, old)
+        meta = torch.load(old / "mp_rank_00_model_states.pt", weights_only=False)
+        del meta["layout"]
+        torch.save(meta, old / "mp_rank_00_model_states.pt")
+        inferred = elastic.saved_layout(str(old))
+        for key in ("dp", "tp", "pp", "zero_stage", "world_size", "train_batch_size", "precision"):
+            assert inferred[key] == recorded[key], (name, key)
