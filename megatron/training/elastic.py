@@ -20,7 +20,8 @@ peak is one full parameter with its two moments, plus this rank's shards.
 
 L2E statistics are per channel slice of a tp rank; they are concatenated in tp order
 and re-cut. The global batch stays the checkpoint's unless the config pins
-``train_batch_size``; the data stream continues at the consumed sample either way.
+``train_batch_size`` (then the data continues at iteration x the new batch, said in one
+line).
 """
 from __future__ import annotations
 
@@ -413,13 +414,15 @@ def install_state(engine, source: SourceCheckpoint, tp_rank: int, tp: int, load_
 # ----------------------------------------------------------------------------- batch, L2E, RNG
 
 
-def _keep_global_batch(args, engine, saved: dict) -> None:
+def _keep_global_batch(args, engine, saved: dict, iteration: int) -> None:
     """The checkpoint's global batch, unless the config pins train_batch_size; one line either way."""
     old, new = saved.get("train_batch_size"), args.train_batch_size
     if old is None or old == new:
         return
     if "train_batch_size" in args._batch_given:
-        _say(f"global batch {old} -> {new} (train_batch_size in the config); the data continues at the next sample")
+        # The data iterator starts at iteration x (global batch); see docs/checkpoints.md.
+        _say(f"global batch {old} -> {new} (train_batch_size in the config): the data continues at sample "
+             f"{iteration * new:,} (iteration x new batch); the checkpoint had consumed {iteration * old:,}")
         return
     per_step = args.train_micro_batch_size_per_gpu * args.data_parallel_size
     if old % per_step:
@@ -464,7 +467,7 @@ def load_other_layout(args, engine, groups, ckpt_dir: str, l2e=None) -> int:
     engine.global_steps = int(meta0.get("global_steps", iteration))
     engine.global_samples = int(meta0.get("global_samples", 0))
     engine.skipped_steps = int(meta0.get("skipped_steps", 0))
-    _keep_global_batch(args, engine, saved)
+    _keep_global_batch(args, engine, saved, iteration)
     extras = source.extra_states()
     if not args.no_load_rng and extras.get(_rank(), {}).get("rng") is not None:
         set_rng_state(extras[_rank()]["rng"])  # per process: the same stream only where this rank existed
