@@ -139,7 +139,8 @@ def _read_items(dataset, start: int, stop: int) -> np.ndarray:
     return np.stack([dataset[k]["text"] for k in range(start, stop)])
 
 
-def make_data_iterator(dataset, args, dp_rank: int, dp_size: int, start_iteration: int = 0):
+def make_data_iterator(dataset, args, dp_rank: int, dp_size: int, start_iteration: int = 0,
+                       start_sample: int | None = None):
     """Yield this rank's micro-batches {"text": LongTensor[mbs, seq_length+1]} forever.
 
     Micro-batch b covers items [b*mbs*dp, (b+1)*mbs*dp) and rank r takes the contiguous
@@ -147,6 +148,8 @@ def make_data_iterator(dataset, args, dp_rank: int, dp_size: int, start_iteratio
     sees items [t*B, (t+1)*B) whatever the dp/gas split. Resuming at iteration i skips
     i*gas micro-batches without reading them (NeoX saves no loader state). At the end
     of the dataset the stream starts again from item 0, as NeoX's modulo does on resume.
+    ``start_sample`` (default i*B) starts the stream at a consumed-sample count instead:
+    after a change of global batch the two differ.
     """
     mbs, gas = args.train_micro_batch_size_per_gpu, args.gradient_accumulation_steps
     per_micro_step = mbs * dp_size
@@ -154,11 +157,16 @@ def make_data_iterator(dataset, args, dp_rank: int, dp_size: int, start_iteratio
     if num_batches == 0:
         raise ConfigError(f"train_micro_batch_size_per_gpu: {mbs} x {dp_size} ranks exceeds "
                           f"the {len(dataset)} samples of the dataset; lower the batch size")
-    b = (start_iteration * gas) % num_batches
+    span = num_batches * per_micro_step
+    if start_sample is None:
+        start_sample = start_iteration * gas * per_micro_step
+    position = start_sample % span
     while True:
-        start = b * per_micro_step + dp_rank * mbs
+        start = position + dp_rank * mbs
         yield {"text": torch.from_numpy(_read_items(dataset, start, start + mbs))}
-        b = (b + 1) % num_batches
+        position += per_micro_step
+        if position + per_micro_step > span:
+            position = 0
 
 
 def get_batch(text: torch.Tensor, eod_token: int, eod_mask_loss: bool = False):

@@ -20,8 +20,8 @@ peak is one full parameter with its two moments, plus this rank's shards.
 
 L2E statistics are per channel slice of a tp rank; they are concatenated in tp order
 and re-cut. The global batch stays the checkpoint's unless the config pins
-``train_batch_size`` (then the data continues at iteration x the new batch, said in one
-line).
+``train_batch_size``; either way the data continues at the consumed-sample count
+(DeepSpeed's ``global_samples``), said in one line.
 """
 from __future__ import annotations
 
@@ -414,15 +414,14 @@ def install_state(engine, source: SourceCheckpoint, tp_rank: int, tp: int, load_
 # ----------------------------------------------------------------------------- batch, L2E, RNG
 
 
-def _keep_global_batch(args, engine, saved: dict, iteration: int) -> None:
+def _keep_global_batch(args, engine, saved: dict) -> None:
     """The checkpoint's global batch, unless the config pins train_batch_size; one line either way."""
     old, new = saved.get("train_batch_size"), args.train_batch_size
     if old is None or old == new:
         return
     if "train_batch_size" in args._batch_given:
-        # The data iterator starts at iteration x (global batch); see docs/checkpoints.md.
-        _say(f"global batch {old} -> {new} (train_batch_size in the config): the data continues at sample "
-             f"{iteration * new:,} (iteration x new batch); the checkpoint had consumed {iteration * old:,}")
+        _say(f"global batch {old} -> {new} (train_batch_size in the config); the data continues at sample "
+             f"{engine.global_samples:,}, where the checkpoint stopped")
         return
     per_step = args.train_micro_batch_size_per_gpu * args.data_parallel_size
     if old % per_step:
@@ -461,13 +460,14 @@ def load_other_layout(args, engine, groups, ckpt_dir: str, l2e=None) -> int:
     meta0 = source.meta[0]
     load_optim = not args.no_load_optim
     install_state(engine, source, groups.tp_rank, groups.tp_size, load_optim=load_optim)
-    if load_optim and meta0.get("lr_scheduler") and engine.lr_scheduler is not None:
+    # The schedule's position is the iteration's, with or without the optimizer (NeoX's no_load_optim).
+    if meta0.get("lr_scheduler") and engine.lr_scheduler is not None:
         engine.lr_scheduler.load_state_dict(meta0["lr_scheduler"])
     iteration = int(meta0.get("iteration", meta0.get("global_steps", 0)))
     engine.global_steps = int(meta0.get("global_steps", iteration))
-    engine.global_samples = int(meta0.get("global_samples", 0))
+    engine.global_samples = int(meta0.get("global_samples", iteration * (saved.get("train_batch_size") or 0)))
     engine.skipped_steps = int(meta0.get("skipped_steps", 0))
-    _keep_global_batch(args, engine, saved, iteration)
+    _keep_global_batch(args, engine, saved)
     extras = source.extra_states()
     if not args.no_load_rng and extras.get(_rank(), {}).get("rng") is not None:
         set_rng_state(extras[_rank()]["rng"])  # per process: the same stream only where this rank existed

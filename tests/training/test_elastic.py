@@ -130,3 +130,26 @@ def test_layout_of_a_checkpoint_without_one_is_inferred_from_its_files(results, 
         inferred = elastic.saved_layout(str(old))
         for key in ("dp", "tp", "pp", "zero_stage", "world_size", "train_batch_size", "precision"):
             assert inferred[key] == recorded[key], (name, key)
+
+
+def test_data_stream_continues_at_the_consumed_sample_after_a_batch_change():
+    import types
+
+    from megatron.data.data_utils import make_data_iterator
+
+    class Numbered:  # item k is a row of k's
+        def __len__(self):
+            return 64
+
+        def __getitem__(self, k):
+            return {"text": torch.full((3,), k)}
+
+    def first_items(it, n):
+        return [int(k) for _ in range(n) for k in next(it)["text"][:, 0]]
+
+    before = types.SimpleNamespace(train_micro_batch_size_per_gpu=2, gradient_accumulation_steps=4)
+    after = types.SimpleNamespace(train_micro_batch_size_per_gpu=2, gradient_accumulation_steps=2)
+    # 6 steps of global batch 8 consumed items 0..47; continuing with batch 4 reads 48, 49, ...
+    assert first_items(make_data_iterator(Numbered(), before, 0, 1, 6), 2) == [48, 49, 50, 51]
+    assert first_items(make_data_iterator(Numbered(), after, 0, 1, 6, start_sample=48), 2) == [48, 49, 50, 51]
+    assert first_items(make_data_iterator(Numbered(), after, 0, 1, 6), 1) == [24, 25]  # iteration x new batch
