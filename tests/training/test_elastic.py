@@ -56,6 +56,14 @@ def _resumed(tmp_path, source, target):
                           checkpoint_factor=100)
 
 
+def _strip_layout(save_dir, old_dir):
+    shutil.copytree(save_dir, old_dir)
+    for path in Path(old_dir).glob("global_step*/mp_rank_*_model_states.pt"):
+        meta = torch.load(path, weights_only=False)
+        del meta["layout"]
+        torch.save(meta, path)
+
+
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("elastic")
@@ -71,6 +79,9 @@ def results(tmp_path_factory):
                                                           load=str(tmp / "resharded_tp2"), checkpoint_factor=100)))
         out.update(run_distributed(_run_all, world_size=size, args=(runs,), init_deepspeed=True, timeout=900)[0])
     runs = [(f"{s}->{t}", _resumed(tmp, s, t)) for s, t in PAIRS if LAYOUTS[t][0] == 1 and f"{s}->{t}" not in out]
+    # a checkpoint from before layouts were recorded: the layout is inferred from its files
+    _strip_layout(tmp / "dp2_zero1" / "full", tmp / "old_dp2_zero1" / "full")
+    runs.append(("old_dp2_zero1->dp1_zero1", _resumed(tmp, "old_dp2_zero1", "dp1_zero1")))
     out.update(run_distributed(_run_all, world_size=1, args=(runs,), init_deepspeed=True, timeout=900)[0])
     out["tmp"] = tmp
     return out
@@ -82,6 +93,13 @@ def test_resume_on_another_layout_continues_the_run(results, source, target):
     assert resumed["iteration"] == 10 and len(resumed["lm_loss"]) == 4
     for step, (want, got) in enumerate(zip(full["lm_loss"][6:], resumed["lm_loss"]), start=7):
         assert abs(got - want) <= REL_TOL * abs(want), f"step {step}: {got} vs uninterrupted {want}"
+
+
+def test_checkpoint_without_recorded_layout_resumes_on_another(results):
+    full, resumed = results["dp2_zero1"], results["old_dp2_zero1->dp1_zero1"]
+    assert resumed["iteration"] == 10
+    for want, got in zip(full["lm_loss"][6:], resumed["lm_loss"]):
+        assert abs(got - want) <= REL_TOL * abs(want)
 
 
 def test_resharded_checkpoint_resumes_on_its_layout(results):
@@ -103,6 +121,13 @@ def test_reshard_round_trip_tp1_tp2_tp1_is_bit_exact(results, tmp_path):
     assert before.keys() == after.keys()
     for key in before:
         assert torch.equal(before[key], after[key]), key
+    # to a pipeline and back through the reader: the same full tensors
+    _reshard_cli()(["--input", str(tmp_path / "back"), "--output", str(tmp_path / "pp2"), "--tp", "1", "--pp", "2"])
+    source, piped = (elastic.SourceCheckpoint(str(d / "global_step6")) for d in (tmp_path / "back", tmp_path / "pp2"))
+    assert sorted(source.names()) == sorted(piped.names())
+    for name in source.names():
+        for what in ("master", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(source.full(name, what), piped.full(name, what)), (name, what)
     # the tp2 files really are shards: the row-parallel bias is halved, the qkv rows split
     shard = _module(tmp / "resharded_tp2" / "global_step6", 1)
     key = "sequential.2.attention.dense.bias"
@@ -122,12 +147,8 @@ def test_layout_of_a_checkpoint_without_one_is_inferred_from_its_files(results, 
     for name in ("pp2", "dp2_zero1", "tp2"):
         step = results["tmp"] / name / "full" / "global_step6"
         recorded = elastic.saved_layout(str(step))
-        old = tmp_path / name
-        shutil.copytree(step, old)
-        meta = torch.load(old / "mp_rank_00_model_states.pt", weights_only=False)
-        del meta["layout"]
-        torch.save(meta, old / "mp_rank_00_model_states.pt")
-        inferred = elastic.saved_layout(str(old))
+        _strip_layout(step.parent, tmp_path / name)
+        inferred = elastic.saved_layout(str(tmp_path / name / "global_step6"))
         for key in ("dp", "tp", "pp", "zero_stage", "world_size", "train_batch_size", "precision"):
             assert inferred[key] == recorded[key], (name, key)
 
