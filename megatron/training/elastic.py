@@ -83,14 +83,27 @@ def current_layout(args, engine) -> dict:
     }
 
 
+def _per_parameter_groups(optimizer) -> list[list] | None:
+    """The model parameters per param group of an optimizer that keeps one state (and one
+    fp32 master) per parameter: our AdamW at ZeRO-0, or DeepSpeed's unfused fp16/bf16
+    wrapper around it. None for the flat-partition optimizers (ZeRO, BF16_Optimizer)."""
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return [g["params"] for g in optimizer.param_groups]
+    if isinstance(optimizer, FP16_UnfusedOptimizer):
+        return optimizer.fp16_groups
+    return None
+
+
 def _optimizer_param_names(engine) -> list[list[str]] | None:
-    """Per param group, the names of the parameters our AdamW holds (ZeRO-0: its saved
-    state is indexed by position only)."""
-    optimizer = engine.optimizer
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        return None  # ZeRO / bf16 wrappers save DeepSpeed's own name mappings
+    """Per param group, the names behind a per-parameter optimizer state, which DeepSpeed
+    saves indexed by position only (the partitioned optimizers save names themselves)."""
+    groups = _per_parameter_groups(engine.optimizer)
+    if groups is None:
+        return None
     names = {id(p): canonical_name(n) for n, p in engine.module.named_parameters()}
-    groups = [[names.get(id(p)) for p in g["params"]] for g in optimizer.param_groups]
+    groups = [[names.get(id(p)) for p in g] for g in groups]
     return None if any(n is None for g in groups for n in g) else groups
 
 
@@ -150,6 +163,11 @@ def describe(layout: dict) -> str:
 
 
 # ----------------------------------------------------------------------------- reading
+
+
+def _adam_state(saved_optimizer: dict) -> dict:
+    """Our AdamW's state_dict, also when DeepSpeed's fp16/bf16 wrapper nests it."""
+    return saved_optimizer.get("optimizer_state_dict", saved_optimizer)
 
 
 class SourceCheckpoint:
@@ -223,7 +241,7 @@ class SourceCheckpoint:
                 for _, fragments in entry.values():
                     fragments.sort()
             return
-        for mp, meta in self.meta.items():  # ZeRO-0: our AdamW's state_dict, indexed by position
+        for mp, meta in self.meta.items():  # ZeRO-0: a per-parameter state indexed by position
             optimizer = meta.get("optimizer")
             if not optimizer:
                 continue
@@ -233,9 +251,9 @@ class SourceCheckpoint:
                     f"load: {self.dir} holds a ZeRO-0 optimizer state without parameter names (saved before "
                     f"layouts were recorded); resume with its layout ({describe(self.layout)}) or set no_load_optim: true"
                 )
-            for group, group_names in zip(optimizer["param_groups"], names):
-                for index, name in zip(group["params"], group_names):
-                    self.optim_at.setdefault(name, {})[self._tp_rank(mp)] = ("plain", mp, index)
+            for g, (group, group_names) in enumerate(zip(_adam_state(optimizer)["param_groups"], names)):
+                for i, (index, name) in enumerate(zip(group["params"], group_names)):
+                    self.optim_at.setdefault(name, {})[self._tp_rank(mp)] = ("plain", mp, index, g, i)
 
     # -- reading one parameter
 
@@ -251,11 +269,12 @@ class SourceCheckpoint:
         where = self.optim_at.get(name, {}).get(tp_rank)
         if where is None:
             return None
-        if where[0] == "plain":  # ZeRO-0: the module's own weights are the fp32 master
-            _, mp, index = where
-            if what == "master":
-                return None
-            state = self.meta[mp]["optimizer"]["state"].get(index)
+        if where[0] == "plain":
+            _, mp, index, g, i = where
+            optimizer = self.meta[mp]["optimizer"]
+            if what == "master":  # DeepSpeed's fp16/bf16 wrapper keeps fp32 copies; else the weights are
+                return optimizer["fp32_groups"][g][i] if "fp32_groups" in optimizer else None
+            state = _adam_state(optimizer)["state"].get(index)
             return state[what] if state else None
         parts = []
         for _, base, g, start, numel in where[1]:
@@ -274,7 +293,7 @@ class SourceCheckpoint:
         if where is None:
             return 0
         if where[0] == "plain":
-            state = self.meta[where[1]]["optimizer"]["state"].get(where[2])
+            state = _adam_state(self.meta[where[1]]["optimizer"])["state"].get(where[2])
             return int(state["step"]) if state else 0
         _, base, g, _, _ = where[1][0]
         osd = self.file(base)["optimizer_state_dict"]
@@ -360,19 +379,32 @@ def _slice(name: str, full: torch.Tensor, tp_rank: int, tp: int, moment: bool = 
     return split_tp_tensor(name, full, tp, moment=moment)[tp_rank]
 
 
+def _masters(optimizer) -> dict | None:
+    """{id(model parameter): (its fp32 master, its Adam param group)} for a per-parameter
+    optimizer (the master is the parameter itself for our AdamW); None for flat partitions."""
+    groups = _per_parameter_groups(optimizer)
+    if groups is None:
+        return None
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return {id(p): (p, g) for g in optimizer.param_groups for p in g["params"]}
+    base_groups = optimizer.optimizer.param_groups  # the wrapper's fp32 copies, group by group
+    return {id(p): (m, base_groups[g]) for g, (lps, ms) in enumerate(zip(groups, optimizer.fp32_groups))
+            for p, m in zip(lps, ms)}
+
+
 def install_state(engine, source: SourceCheckpoint, tp_rank: int, tp: int, load_optim: bool = True) -> None:
     """Put ``source``'s weights (and Adam state) into this rank's engine, one parameter at a time."""
     optimizer = engine.optimizer
-    plain = isinstance(optimizer, torch.optim.Optimizer)
     params = _engine_params(engine)
-    if not plain and not all(hasattr(p, "_hp_mapping") for _, p in params):
+    masters = _masters(optimizer)
+    if masters is None and not all(hasattr(p, "_hp_mapping") for _, p in params):
         raise CheckpointError(
             f"load: this run's optimizer ({type(optimizer).__name__}: ZeRO stage {engine.zero_optimization_stage()}) "
-            "cannot take a checkpoint from another layout; run with ZeRO stage 0-2 in fp32 or bf16, or convert "
-            "the checkpoint to this layout's files with tools/ckpts/reshard.py and resume with that layout"
+            "cannot take a checkpoint from another layout; run with ZeRO stage 0-2, or resume with the layout "
+            "the checkpoint was saved with"
         )
-    base = optimizer if plain else optimizer.optimizer
-    if load_optim and not plain:  # DeepSpeed's flat fp32 partitions: one Adam state per param group
+    base = optimizer if isinstance(optimizer, torch.optim.Optimizer) else optimizer.optimizer
+    if load_optim and masters is None:  # DeepSpeed's flat fp32 partitions: one Adam state per param group
         for group in base.param_groups:
             flat = group["params"][0]
             base.state[flat] = {"step": None, **{k: torch.zeros_like(flat) for k in MOMENTS}}
@@ -385,11 +417,12 @@ def install_state(engine, source: SourceCheckpoint, tp_rank: int, tp: int, load_
                                       "set no_load_optim: true to start the optimizer fresh")
             moments = {k: _slice(name, v, tp_rank, tp, moment=True) for k, v in moments.items()}
             p.data.copy_(weight)
-            if plain:
+            if masters is not None:
+                master, group = masters[id(p)]
+                master.data.copy_(weight)
                 if load_optim:
-                    group = next(g for g in base.param_groups if any(q is p for q in g["params"]))
-                    base.state[p] = {"step": _adam_step_tensor(source.step(name), group, p.device),
-                                     **{k: v.to(p.device).clone() for k, v in moments.items()}}
+                    base.state[master] = {"step": _adam_step_tensor(source.step(name), group, master.device),
+                                          **{k: v.to(master.device).clone() for k, v in moments.items()}}
                 continue
             mapping = p._hp_mapping
             if mapping is None:  # no element of this parameter in this rank's partition
@@ -402,7 +435,7 @@ def install_state(engine, source: SourceCheckpoint, tp_rank: int, tp: int, load_
                 for k, v in moments.items():
                     state[k].narrow(0, hp.start, hp.numel).copy_(v.flatten().narrow(0, lp.start, lp.numel))
                 state["step"] = _adam_step_tensor(source.step(name), group, p.device)
-    if load_optim and not plain:
+    if load_optim and masters is None:
         for group in base.param_groups:  # a group none of whose fragments are here still steps
             state = base.state[group["params"][0]]
             if state["step"] is None:
