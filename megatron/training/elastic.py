@@ -133,7 +133,7 @@ def infer_layout(ckpt_dir: str, meta0: dict) -> dict:
     """The layout of a checkpoint saved before ``layout`` was recorded, from its files."""
     names = os.listdir(ckpt_dir)
     embed_files = [n for n in names if n.startswith("layer_00-model_")]
-    mp_files = [n for n in names if re.match(r"^mp_rank_\d+_model_states\.pt$", n)]
+    mp_files = [n for n in names if re.match(r"^(zero_pp_rank_0_)?mp_rank_\d+_model_states\.pt$", n)]
     tp = len(embed_files) or len(mp_files)
     pp = len(mp_files) // tp if embed_files else 0  # layer files: a DeepSpeed pipeline (pp >= 1)
     ds = meta0.get("ds_config") or {}
@@ -147,13 +147,21 @@ def infer_layout(ckpt_dir: str, meta0: dict) -> dict:
     }
 
 
-def saved_layout(ckpt_dir: str) -> dict:
-    meta0 = _load(os.path.join(ckpt_dir, MP_FILE.format(0)))
-    return meta0.get("layout") or infer_layout(ckpt_dir, meta0)
+def saved_layout(ckpt_dir: str) -> dict | None:
+    """The checkpoint's layout, recorded or inferred; None when it has no model-state file
+    we know (DeepSpeed's loader then reports what is wrong)."""
+    for name in (MP_FILE.format(0), "zero_pp_rank_0_" + MP_FILE.format(0)):  # the second: ZeRO-3
+        path = os.path.join(ckpt_dir, name)
+        if os.path.isfile(path):
+            meta0 = _load(path)
+            return meta0.get("layout") or infer_layout(ckpt_dir, meta0)
+    return None
 
 
-def needs_elastic(saved: dict, current: dict) -> bool:
+def needs_elastic(saved: dict | None, current: dict) -> bool:
     """True when DeepSpeed's loader cannot read ``saved`` into this run."""
+    if saved is None:
+        return False
     return saved.get("resharded", False) or any(saved.get(k) != current.get(k) for k in _ENGINE_KEYS)
 
 
@@ -175,20 +183,20 @@ class SourceCheckpoint:
 
     def __init__(self, ckpt_dir: str):
         self.dir = ckpt_dir
-        self.meta = {}
-        for name in sorted(os.listdir(ckpt_dir)):
-            match = re.match(r"^mp_rank_(\d+)_model_states\.pt$", name)
-            if match:
-                self.meta[int(match.group(1))] = _load(os.path.join(ckpt_dir, name))
-        if 0 not in self.meta:
+        self.layout = saved_layout(ckpt_dir)
+        if self.layout is None:
             raise CheckpointError(f"load: {ckpt_dir} has no mp_rank_00_model_states.pt; not a checkpoint of ours")
-        self.layout = self.meta[0].get("layout") or infer_layout(ckpt_dir, self.meta[0])
         if self.layout["zero_stage"] == 3:
             raise CheckpointError(
                 f"load: {ckpt_dir} was saved with ZeRO stage 3, whose partitioned weights this loader does not "
                 f"read; resume it with its layout ({describe(self.layout)}), or get the weights with DeepSpeed's "
                 f"zero_to_fp32.py and continue with finetune: true"
             )
+        self.meta = {}
+        for name in sorted(os.listdir(ckpt_dir)):
+            match = re.match(r"^mp_rank_(\d+)_model_states\.pt$", name)
+            if match:
+                self.meta[int(match.group(1))] = _load(os.path.join(ckpt_dir, name))
         self.tp = self.layout["tp"]
         self._files: dict[str, dict] = {}
         self.shapes: dict[str, dict[int, torch.Size]] = {}  # name -> tp rank -> shard shape
