@@ -202,6 +202,7 @@ class SourceCheckpoint:
         self.shapes: dict[str, dict[int, torch.Size]] = {}  # name -> tp rank -> shard shape
         self.weight_at: dict[str, dict[int, tuple]] = {}  # name -> tp rank -> where the weight is
         self.optim_at: dict[str, dict[int, tuple]] = {}  # name -> tp rank -> where its Adam state is
+        self.no_optimizer_reason = "it holds no optimizer state for it; set no_load_optim: true"
         self._index_weights()
         self._index_optimizer()
 
@@ -244,7 +245,8 @@ class SourceCheckpoint:
                 for g, mapping in enumerate(osd["param_slice_mappings"]):
                     for key, frag in mapping.items():
                         entry = self.optim_at.setdefault(canonical_name(key), {})
-                        entry.setdefault(self._tp_rank(mp), ("zero", []))[1].append((dp, base, g, frag.start, frag.numel))
+                        fragments = entry.setdefault(self._tp_rank(mp), ("zero", []))[1]
+                        fragments.append((dp, base, g, frag.start, frag.numel))
             for entry in self.optim_at.values():
                 for _, fragments in entry.values():
                     fragments.sort()
@@ -254,11 +256,11 @@ class SourceCheckpoint:
             if not optimizer:
                 continue
             names = (meta.get("layout") or {}).get("param_names")
-            if names is None:
-                raise CheckpointError(
-                    f"load: {self.dir} holds a ZeRO-0 optimizer state without parameter names (saved before "
-                    f"layouts were recorded); resume with its layout ({describe(self.layout)}) or set no_load_optim: true"
-                )
+            if names is None:  # an error only if the optimizer is wanted (not with no_load_optim)
+                self.no_optimizer_reason = (
+                    f"its ZeRO-0 optimizer state has no parameter names (saved before layouts were recorded); "
+                    f"resume with its layout ({describe(self.layout)}) or set no_load_optim: true")
+                continue
             for g, (group, group_names) in enumerate(zip(_adam_state(optimizer)["param_groups"], names)):
                 for i, (index, name) in enumerate(zip(group["params"], group_names)):
                     self.optim_at.setdefault(name, {})[self._tp_rank(mp)] = ("plain", mp, index, g, i)
@@ -421,8 +423,8 @@ def install_state(engine, source: SourceCheckpoint, tp_rank: int, tp: int, load_
             weight = _slice(name, source.full(name), tp_rank, tp)
             moments = {k: source.full(name, k) for k in MOMENTS} if load_optim else {}
             if load_optim and any(v is None for v in moments.values()):
-                raise CheckpointError(f"load: {source.dir} has no optimizer state for {name}; "
-                                      "set no_load_optim: true to start the optimizer fresh")
+                raise CheckpointError(f"load: cannot restore the Adam state of {name} from {source.dir}: "
+                                      f"{source.no_optimizer_reason}")
             moments = {k: _slice(name, v, tp_rank, tp, moment=True) for k, v in moments.items()}
             p.data.copy_(weight)
             if masters is not None:

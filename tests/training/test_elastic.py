@@ -151,6 +151,11 @@ def test_layout_of_a_checkpoint_without_one_is_inferred_from_its_files(results, 
         inferred = elastic.saved_layout(str(tmp_path / name / "global_step6"))
         for key in ("dp", "tp", "pp", "zero_stage", "world_size", "train_batch_size", "precision"):
             assert inferred[key] == recorded[key], (name, key)
+    # ZeRO-0 without recorded names: weights readable, the optimizer refused with the way out
+    old, new = (elastic.SourceCheckpoint(str(d)) for d in (tmp_path / "tp2" / "global_step6", step))
+    name = "2.attention.dense.bias"
+    assert torch.equal(old.full(name), new.full(name)) and new.full(name, "exp_avg") is not None
+    assert old.full(name, "exp_avg") is None and "no_load_optim: true" in old.no_optimizer_reason
 
 
 def test_data_stream_continues_at_the_consumed_sample_after_a_batch_change():
