@@ -178,6 +178,12 @@ def _adam_state(saved_optimizer: dict) -> dict:
     return saved_optimizer.get("optimizer_state_dict", saved_optimizer)
 
 
+def _group_state(osd: dict, g: int) -> dict:
+    """Adam's state of flat partition ``g`` in a ZeRO optimizer file (stage 1/2, bf16 or 3)."""
+    base = osd["base_optimizer_state"] if "base_optimizer_state" in osd else osd["optimizer_state_dict"]
+    return base["state"][g] if isinstance(base, dict) else base[g]  # a list: "elastic" ZeRO checkpoints
+
+
 class SourceCheckpoint:
     """Every tensor of a checkpoint, by layout-free parameter name, read lazily."""
 
@@ -186,17 +192,11 @@ class SourceCheckpoint:
         self.layout = saved_layout(ckpt_dir)
         if self.layout is None:
             raise CheckpointError(f"load: {ckpt_dir} has no mp_rank_00_model_states.pt; not a checkpoint of ours")
-        if self.layout["zero_stage"] == 3:
-            raise CheckpointError(
-                f"load: {ckpt_dir} was saved with ZeRO stage 3, whose partitioned weights this loader does not "
-                f"read; resume it with its layout ({describe(self.layout)}), or get the weights with DeepSpeed's "
-                f"zero_to_fp32.py and continue with finetune: true"
-            )
-        self.meta = {}
-        for name in sorted(os.listdir(ckpt_dir)):
-            match = re.match(r"^mp_rank_(\d+)_model_states\.pt$", name)
-            if match:
-                self.meta[int(match.group(1))] = _load(os.path.join(ckpt_dir, name))
+        self.zero3 = self.layout["zero_stage"] == 3
+        model_file = re.compile(r"^zero_pp_rank_0_mp_rank_(\d+)_model_states\.pt$" if self.zero3
+                                else r"^mp_rank_(\d+)_model_states\.pt$")
+        self.meta = {int(m.group(1)): _load(os.path.join(ckpt_dir, n))
+                     for n in sorted(os.listdir(ckpt_dir)) if (m := model_file.match(n))}
         self.tp = self.layout["tp"]
         self._files: dict[str, dict] = {}
         self.shapes: dict[str, dict[int, torch.Size]] = {}  # name -> tp rank -> shard shape
@@ -218,6 +218,13 @@ class SourceCheckpoint:
         return self._files[name]
 
     def _index_weights(self):
+        if self.zero3:  # the module holds empty placeholders; the weights are the fp32 partitions
+            for mp, meta in self.meta.items():
+                for group in meta["param_shapes"]:
+                    for key, shape in group.items():
+                        self.shapes.setdefault(canonical_name(key), {})[self._tp_rank(mp)] = shape
+                        self.weight_at.setdefault(canonical_name(key), {})[self._tp_rank(mp)] = ("zero3",)
+            return
         if self.layout["pp"] == 0:
             for mp, meta in self.meta.items():
                 for key, t in (meta.get("module") or {}).items():
@@ -238,15 +245,9 @@ class SourceCheckpoint:
                             if (m := _ZERO_FILE.match(n)))
         if zero_files:  # ZeRO-1/2 or bf16: fragments of flat partitions, one file per (mp, dp)
             for mp, dp, base in zero_files:
-                osd = self.file(base)["optimizer_state_dict"]
-                if "param_slice_mappings" not in osd:
-                    raise CheckpointError(f"load: {base} has no param_slice_mappings (DeepSpeed too old); "
-                                          "resume with the layout it was saved with")
-                for g, mapping in enumerate(osd["param_slice_mappings"]):
-                    for key, frag in mapping.items():
-                        entry = self.optim_at.setdefault(canonical_name(key), {})
-                        fragments = entry.setdefault(self._tp_rank(mp), ("zero", []))[1]
-                        fragments.append((dp, base, g, frag.start, frag.numel))
+                for key, g, start, numel in self._fragments(mp, base):
+                    entry = self.optim_at.setdefault(canonical_name(key), {})
+                    entry.setdefault(self._tp_rank(mp), ("zero", []))[1].append((dp, base, g, start, numel))
             for entry in self.optim_at.values():
                 for _, fragments in entry.values():
                     fragments.sort()
@@ -264,6 +265,29 @@ class SourceCheckpoint:
             for g, (group, group_names) in enumerate(zip(_adam_state(optimizer)["param_groups"], names)):
                 for i, (index, name) in enumerate(zip(group["params"], group_names)):
                     self.optim_at.setdefault(name, {})[self._tp_rank(mp)] = ("plain", mp, index, g, i)
+
+    def _fragments(self, mp: int, base: str):
+        """(name, group, start, numel) of every parameter's piece in one ZeRO optimizer file."""
+        osd = self.file(base)["optimizer_state_dict"]
+        if not self.zero3:
+            if "param_slice_mappings" not in osd:
+                raise CheckpointError(f"load: {base} has no param_slice_mappings (DeepSpeed too old); "
+                                      "resume with the layout it was saved with")
+            for g, mapping in enumerate(osd["param_slice_mappings"]):
+                for key, frag in mapping.items():
+                    yield key, g, frag.start, frag.numel
+            return
+        # ZeRO-3 cuts every parameter into dp equal (padded) pieces; a rank's sub-group
+        # partitions hold its pieces back to back, in param_shapes order.
+        sizes = [t.numel() for t in osd["fp32_flat_groups"]]
+        g, offset = 0, 0
+        for group in self.meta[mp]["param_shapes"]:
+            for key, shape in group.items():
+                piece = -(-shape.numel() // self.layout["dp"])
+                while offset + piece > sizes[g]:
+                    g, offset = g + 1, 0
+                yield key, g, offset, piece
+                offset += piece
 
     # -- reading one parameter
 
@@ -290,12 +314,12 @@ class SourceCheckpoint:
         for _, base, g, start, numel in where[1]:
             osd = self.file(base)["optimizer_state_dict"]
             if what == "master":
-                flat = osd["single_partition_of_fp32_groups"][g]
+                flat = osd["fp32_flat_groups" if self.zero3 else "single_partition_of_fp32_groups"][g]
             else:
-                base_state = osd["base_optimizer_state"]
-                flat = (base_state["state"][g] if isinstance(base_state, dict) else base_state[g])[what]
+                flat = _group_state(osd, g)[what]
             parts.append(flat.narrow(0, start, numel))
-        return torch.cat(parts).view(self.shapes[name][tp_rank])
+        shape = self.shapes[name][tp_rank]
+        return torch.cat(parts)[:shape.numel()].view(shape)  # ZeRO-3 pads the last piece
 
     def step(self, name: str) -> int:
         """Adam's step count of ``name`` (0 when no optimizer state was saved)."""
@@ -307,10 +331,7 @@ class SourceCheckpoint:
             return int(state["step"]) if state else 0
         _, base, g, _, _ = where[1][0]
         osd = self.file(base)["optimizer_state_dict"]
-        base_state = osd["base_optimizer_state"]
-        if isinstance(base_state, dict):
-            return int(base_state["state"][g]["step"])
-        return int(osd.get("base_optimizer_state_step", base_state[g].get("step", 0)))
+        return int(osd.get("base_optimizer_state_step", _group_state(osd, g).get("step", 0)))
 
     def full(self, name: str, what: str = "master") -> torch.Tensor | None:
         """The full fp32 tensor ``what`` of parameter ``name``, merged over the source tp ranks."""

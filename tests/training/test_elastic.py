@@ -25,10 +25,12 @@ LAYOUTS = {
     "pp2": (2, {"pipe_parallel_size": 2}),
     "dp2_zero1": (2, {"zero_optimization": {"stage": 1}}),
     "dp2_zero2": (2, {"zero_optimization": {"stage": 2}}),
+    "dp2_zero3": (2, {"zero_optimization": {"stage": 3}}),
 }
 # (saved on, resumed on)
 PAIRS = [("pp0", "tp2"), ("tp2", "pp0"), ("pp0", "pp2"), ("pp2", "pp0"),
-         ("dp2_zero1", "dp1_zero1"), ("dp1_zero1", "dp2_zero1"), ("dp2_zero2", "pp0")]
+         ("dp2_zero1", "dp1_zero1"), ("dp1_zero1", "dp2_zero1"), ("dp2_zero2", "pp0"),
+         ("dp2_zero3", "pp0")]
 REL_TOL = 1e-5
 
 
