@@ -9,14 +9,15 @@ module (``sequential.2.…``), a pipeline stage (``2.…``) and its tied embeddi
 ``SourceCheckpoint`` finds, for every name, where each tensor-parallel shard of the
 weight, the fp32 master weight and the two Adam moments live: in the pp=0 ``module``,
 in ``layer_XX-model_YY`` files, in the ZeRO-0 optimizer state of an mp_rank file
-(indexed through the parameter names each rank records in its ``layout``), or as
-fragments of the flat ZeRO-1/2 (or bf16) partitions, found through DeepSpeed's own
-``param_slice_mappings``. ``load_other_layout`` then walks this rank's parameters one at
-a time: merge the source shards into the full tensor (`merge_tp_tensor`, which sums
-row-parallel bias shards), cut this rank's slice, and install it into whatever optimizer
-the engine runs (our AdamW at ZeRO-0 fp32, or the fp32 partition fragments DeepSpeed's
-ZeRO-1/2 and bf16 optimizers link to each parameter). Files are memory-mapped, so the
-peak is one full parameter with its two moments, plus this rank's shards.
+(indexed through the parameter names each rank records in its ``layout``), as fragments
+of the flat ZeRO-1/2 (or bf16) partitions, found through DeepSpeed's own
+``param_slice_mappings``, or as ZeRO-3's padded per-parameter pieces. ``load_other_layout``
+then walks this rank's parameters one at a time: merge the source shards into the full
+tensor (`merge_tp_tensor`, which sums row-parallel bias shards), cut this rank's slice,
+and install it into whatever optimizer the engine runs at ZeRO 0-2 (our AdamW, DeepSpeed's
+fp16/bf16 wrapper with its fp32 copies, or the fp32 partition fragments its ZeRO-1/2 and
+bf16 optimizers link to each parameter). Files are memory-mapped, so the peak is one full
+parameter with its two moments, plus this rank's shards.
 
 L2E statistics are per channel slice of a tp rank; they are concatenated in tp order
 and re-cut. The global batch stays the checkpoint's unless the config pins
@@ -192,7 +193,8 @@ class SourceCheckpoint:
         self.layout = saved_layout(ckpt_dir)
         if self.layout is None:
             raise CheckpointError(f"load: {ckpt_dir} has no mp_rank_00_model_states.pt; not a checkpoint of ours")
-        self.zero3 = self.layout["zero_stage"] == 3
+        # by the files, not the label: a resharded checkpoint says the target's ZeRO stage
+        self.zero3 = os.path.isfile(os.path.join(ckpt_dir, "zero_pp_rank_0_" + MP_FILE.format(0)))
         model_file = re.compile(r"^zero_pp_rank_0_mp_rank_(\d+)_model_states\.pt$" if self.zero3
                                 else r"^mp_rank_(\d+)_model_states\.pt$")
         self.meta = {int(m.group(1)): _load(os.path.join(ckpt_dir, n))
