@@ -97,6 +97,25 @@ def test_resume_on_another_layout_continues_the_run(results, source, target):
         assert abs(got - want) <= REL_TOL * abs(want), f"step {step}: {got} vs uninterrupted {want}"
 
 
+def _l2e_at_step_10(save_dir):
+    source = elastic.SourceCheckpoint(str(Path(save_dir) / "global_step10"))
+    return source.merged_l2e(source.extra_states())
+
+
+@pytest.mark.parametrize("source,target", PAIRS, ids=[f"{s}-to-{t}" for s, t in PAIRS])
+def test_l2e_state_continues_across_layouts(results, source, target):
+    """τ, counters and the full-width statistics at step 10 match the uninterrupted run's."""
+    tmp = results["tmp"]
+    want, got = _l2e_at_step_10(tmp / source / "full"), _l2e_at_step_10(tmp / f"{source}-to-{target}" / "full")
+    assert got["iteration"] == want["iteration"] and got["layers"].keys() == want["layers"].keys() == {0, 1}
+    for layer, w in want["layers"].items():
+        g = got["layers"][layer]
+        assert (g["n"], g["scored_steps"], g["warmup_samples"]) == (w["n"], w["scored_steps"], w["warmup_samples"])
+        assert g["tau"] == pytest.approx(w["tau"], rel=1e-4)
+        for key in ("mean", "M2"):
+            torch.testing.assert_close(g[key], w[key], rtol=1e-4, atol=1e-6)
+
+
 def test_checkpoint_without_recorded_layout_resumes_on_another(results):
     full, resumed = results["dp2_zero1"], results["old_dp2_zero1->dp1_zero1"]
     assert resumed["iteration"] == 10
