@@ -103,7 +103,10 @@ def _optimizer_param_names(engine) -> list[list[str]] | None:
     groups = _per_parameter_groups(engine.optimizer)
     if groups is None:
         return None
-    names = {id(p): canonical_name(n) for n, p in engine.module.named_parameters()}
+    try:
+        names = {id(p): canonical_name(n) for n, p in engine.module.named_parameters()}
+    except CheckpointError:  # not a NeoX module: saving goes on, another layout cannot take its optimizer
+        return None
     groups = [[names.get(id(p)) for p in g] for g in groups]
     return None if any(n is None for g in groups for n in g) else groups
 
@@ -119,7 +122,12 @@ def _load(path: str):
     if not os.path.isfile(path):
         raise CheckpointError(f"load: {path} is missing; the checkpoint is incomplete")
     try:  # our own checkpoint: DeepSpeed's files hold dataclasses, so not weights_only
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        try:  # memory-mapped: tensors are paged in when read, one parameter at a time
+            return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=False)  # the legacy (pre-zip) format
     except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
         raise CheckpointError(f"load: {path} is unreadable ({e}); the checkpoint is damaged") from e
 
