@@ -14,10 +14,11 @@ of the flat ZeRO-1/2 (or bf16) partitions, found through DeepSpeed's own
 ``param_slice_mappings``, or as ZeRO-3's padded per-parameter pieces. ``load_other_layout``
 then walks this rank's parameters one at a time: merge the source shards into the full
 tensor (`merge_tp_tensor`, which sums row-parallel bias shards), cut this rank's slice,
-and install it into whatever optimizer the engine runs at ZeRO 0-2 (our AdamW, DeepSpeed's
-fp16/bf16 wrapper with its fp32 copies, or the fp32 partition fragments its ZeRO-1/2 and
-bf16 optimizers link to each parameter). Files are memory-mapped, so the peak is one full
-parameter with its two moments, plus this rank's shards.
+and install it into whatever optimizer the engine runs (our AdamW, DeepSpeed's fp16/bf16
+wrapper with its fp32 copies, the fp32 partition fragments its ZeRO-1/2 and bf16
+optimizers link to each parameter, or ZeRO-3's ``set_full_hp_param``). Files are
+memory-mapped, so the peak is one full parameter with its two moments, plus this rank's
+shards.
 
 L2E statistics are per channel slice of a tp rank; they are concatenated in tp order
 and re-cut. The global batch stays the checkpoint's unless the config pins
@@ -433,16 +434,50 @@ def _masters(optimizer) -> dict | None:
             for p, m in zip(lps, ms)}
 
 
+def _param_state(source: SourceCheckpoint, name: str, tp_rank: int, tp: int, load_optim: bool):
+    """This rank's slice of ``name``'s fp32 weight and, if wanted, of its two Adam moments."""
+    weight = _slice(name, source.full(name), tp_rank, tp)
+    moments = {k: source.full(name, k) for k in MOMENTS} if load_optim else {}
+    if load_optim and any(v is None for v in moments.values()):
+        raise CheckpointError(f"load: cannot restore the Adam state of {name} from {source.dir}: "
+                              f"{source.no_optimizer_reason}")
+    return weight, {k: _slice(name, v, tp_rank, tp, moment=True) for k, v in moments.items()}
+
+
+def _install_zero3(optimizer, source: SourceCheckpoint, params, tp_rank: int, tp: int, load_optim: bool) -> None:
+    """ZeRO-3: DeepSpeed's own per-parameter setters write this rank's piece of the fp32
+    partitions (and of Adam's state); the working copies are then refreshed from them."""
+    base = optimizer.optimizer
+    flats = optimizer.fp32_partitioned_groups_flat
+    if load_optim:
+        step = source.step(params[0][0])
+        for i, flat in enumerate(flats):
+            group = base.param_groups[optimizer.sub_group_to_group_id[i]]
+            base.state[flat] = {"step": _adam_step_tensor(step, group, flat.device),
+                                **{k: torch.zeros_like(flat) for k in MOMENTS}}
+    with torch.no_grad():
+        for name, p in params:
+            weight, moments = _param_state(source, name, tp_rank, tp, load_optim)
+            optimizer.set_full_hp_param(weight, p)
+            for k, v in moments.items():
+                optimizer.set_full_hp_param(v, p, k)
+        for working, master in zip(optimizer.fp16_partitioned_groups_flat, flats):
+            working.data.copy_(master.data)
+
+
 def install_state(engine, source: SourceCheckpoint, tp_rank: int, tp: int, load_optim: bool = True) -> None:
     """Put ``source``'s weights (and Adam state) into this rank's engine, one parameter at a time."""
     optimizer = engine.optimizer
     params = _engine_params(engine)
+    if engine.zero_optimization_stage() == 3:
+        _install_zero3(optimizer, source, params, tp_rank, tp, load_optim)
+        return
     masters = _masters(optimizer)
     if masters is None and not all(hasattr(p, "_hp_mapping") for _, p in params):
         raise CheckpointError(
             f"load: this run's optimizer ({type(optimizer).__name__}: ZeRO stage {engine.zero_optimization_stage()}) "
-            "cannot take a checkpoint from another layout; run with ZeRO stage 0-2, or resume with the layout "
-            "the checkpoint was saved with"
+            "cannot take a checkpoint from another layout; run with ZeRO stage 0-3 and our AdamW, or resume "
+            "with the layout the checkpoint was saved with"
         )
     base = optimizer if isinstance(optimizer, torch.optim.Optimizer) else optimizer.optimizer
     if load_optim and masters is None:  # DeepSpeed's flat fp32 partitions: one Adam state per param group
@@ -451,12 +486,7 @@ def install_state(engine, source: SourceCheckpoint, tp_rank: int, tp: int, load_
             base.state[flat] = {"step": None, **{k: torch.zeros_like(flat) for k in MOMENTS}}
     with torch.no_grad():
         for name, p in params:
-            weight = _slice(name, source.full(name), tp_rank, tp)
-            moments = {k: source.full(name, k) for k in MOMENTS} if load_optim else {}
-            if load_optim and any(v is None for v in moments.values()):
-                raise CheckpointError(f"load: cannot restore the Adam state of {name} from {source.dir}: "
-                                      f"{source.no_optimizer_reason}")
-            moments = {k: _slice(name, v, tp_rank, tp, moment=True) for k, v in moments.items()}
+            weight, moments = _param_state(source, name, tp_rank, tp, load_optim)
             p.data.copy_(weight)
             if masters is not None:
                 master, group = masters[id(p)]

@@ -30,7 +30,7 @@ LAYOUTS = {
 # (saved on, resumed on)
 PAIRS = [("pp0", "tp2"), ("tp2", "pp0"), ("pp0", "pp2"), ("pp2", "pp0"),
          ("dp2_zero1", "dp1_zero1"), ("dp1_zero1", "dp2_zero1"), ("dp2_zero2", "pp0"),
-         ("dp2_zero3", "pp0")]
+         ("dp2_zero3", "pp0"), ("pp0", "dp2_zero3")]
 REL_TOL = 1e-5
 
 
