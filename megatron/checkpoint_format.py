@@ -90,40 +90,50 @@ _ROW = ("attention.dense.weight", "dense_4h_to_h.weight")
 _ROW_BIAS = ("attention.dense.bias", "dense_4h_to_h.bias")
 
 
+def merge_tp_tensor(key: str, parts: list, moment: bool = False) -> torch.Tensor:
+    """The full tensor `key` from its tp shards, in rank order.
+
+    ``moment``: an Adam moment rather than a weight. The moments of a row-parallel bias
+    shard are those of the full bias (every shard gets the full bias's gradient), so they
+    are equal across ranks, not summed.
+    """
+    if key.endswith(_COLUMN):
+        return torch.cat(parts, dim=0)
+    if key.endswith(_ROW):
+        return torch.cat(parts, dim=1)
+    if key.endswith(_ROW_BIAS) and not moment:
+        return torch.stack(parts).sum(0)
+    return torch.stack(parts).mean(0)  # replicated: averaged in case the copies drifted apart
+
+
+def split_tp_tensor(key: str, t: torch.Tensor, tp: int, moment: bool = False) -> list:
+    """Inverse of `merge_tp_tensor`: the `tp` shards (views) of the full tensor `key`."""
+    if key.endswith(_COLUMN):
+        parts = t.chunk(tp, dim=0)
+    elif key.endswith(_ROW):
+        parts = t.chunk(tp, dim=1)
+    elif key.endswith(_ROW_BIAS) and not moment:
+        parts = [t / tp] * tp
+    else:
+        parts = [t] * tp
+    if len(parts) != tp or any(p.shape != parts[0].shape for p in parts):
+        raise CheckpointError(
+            f"{key}: shape {tuple(t.shape)} does not split evenly over {tp} tensor-parallel ranks; choose another tp"
+        )
+    return list(parts)
+
+
 def merge_tp_shards(shards: list[dict]) -> dict:
     """Full tensors from per-rank shards (any key prefix; v1.0/HEAD names both accepted)."""
     shards = [{_normalise_layer_key(k): v for k, v in s.items() if _normalise_layer_key(k)} for s in shards]
-    merged = {}
-    for key in shards[0]:
-        parts = [s[key] for s in shards]
-        if key.endswith(_COLUMN):
-            merged[key] = torch.cat(parts, dim=0)
-        elif key.endswith(_ROW):
-            merged[key] = torch.cat(parts, dim=1)
-        elif key.endswith(_ROW_BIAS):
-            merged[key] = torch.stack(parts).sum(0)
-        else:  # layer norms: replicated, averaged in case they drifted apart
-            merged[key] = torch.stack(parts).mean(0)
-    return merged
+    return {key: merge_tp_tensor(key, [s[key] for s in shards]) for key in shards[0]}
 
 
 def split_tp_shards(sd: dict, tp: int) -> list[dict]:
     """Inverse of `merge_tp_shards`: the state dict each of `tp` ranks holds."""
     shards = [{} for _ in range(tp)]
     for key, t in sd.items():
-        if key.endswith(_COLUMN):
-            parts = t.chunk(tp, dim=0)
-        elif key.endswith(_ROW):
-            parts = t.chunk(tp, dim=1)
-        elif key.endswith(_ROW_BIAS):
-            parts = [t / tp] * tp
-        else:
-            parts = [t] * tp
-        if len(parts) != tp or any(p.shape != parts[0].shape for p in parts):
-            raise CheckpointError(
-                f"{key}: shape {tuple(t.shape)} does not split evenly over {tp} tensor-parallel ranks; choose another tp"
-            )
-        for shard, part in zip(shards, parts):
+        for shard, part in zip(shards, split_tp_tensor(key, t, tp)):
             shard[key] = part.clone()  # own storage: torch.save of a view writes the whole base tensor
     return shards
 

@@ -165,7 +165,8 @@ def _read_items(dataset, start: int, stop: int) -> np.ndarray:
     return np.stack([dataset[k]["text"] for k in range(start, stop)])
 
 
-def make_data_iterator(dataset, args, dp_rank: int, dp_size: int, start_iteration: int = 0):
+def make_data_iterator(dataset, args, dp_rank: int, dp_size: int, start_iteration: int = 0,
+                       start_sample: int | None = None):
     """Yield this rank's micro-batches {"text": LongTensor[mbs, seq_length+1]} forever.
 
     Micro-batch b covers items [b*mbs*dp, (b+1)*mbs*dp) and rank r takes the contiguous
@@ -173,6 +174,8 @@ def make_data_iterator(dataset, args, dp_rank: int, dp_size: int, start_iteratio
     sees items [t*B, (t+1)*B) whatever the dp/gas split. Resuming at iteration i skips
     i*gas micro-batches without reading them (NeoX saves no loader state). At the end
     of the dataset the stream starts again from item 0, as NeoX's modulo does on resume.
+    ``start_sample`` (default i*B) starts the stream at a consumed-sample count instead:
+    after a change of global batch the two differ.
     """
     mbs, gas = args.train_micro_batch_size_per_gpu, args.gradient_accumulation_steps
     per_micro_step = mbs * dp_size
@@ -180,9 +183,11 @@ def make_data_iterator(dataset, args, dp_rank: int, dp_size: int, start_iteratio
     if num_batches == 0:
         raise ConfigError(f"train_micro_batch_size_per_gpu: {mbs} x {dp_size} ranks exceeds "
                           f"the {len(dataset)} samples of the dataset; lower the batch size")
-    first = (start_iteration * gas) % num_batches
-    micro_batch = _RankMicroBatches(dataset, per_micro_step, dp_rank * mbs, mbs)
-    order = _cycle(first, num_batches)
+    span = num_batches * per_micro_step
+    if start_sample is None:
+        start_sample = start_iteration * gas * per_micro_step
+    micro_batch = _RankMicroBatches(dataset, dp_rank * mbs, mbs)
+    order = _positions(start_sample % span, per_micro_step, span)
     workers = getattr(args, "num_workers", 0)
     if workers == 0:
         yield from map(micro_batch.__getitem__, order)
@@ -192,21 +197,23 @@ def make_data_iterator(dataset, args, dp_rank: int, dp_size: int, start_iteratio
                                            num_workers=workers, pin_memory=torch.cuda.is_available())
 
 
-def _cycle(first: int, n: int):
-    b = first
+def _positions(position: int, per_micro_step: int, span: int):
+    """First item of each micro-batch, from ``position`` on, wrapping at the dataset's end."""
     while True:
-        yield b
-        b = (b + 1) % n
+        yield position
+        position += per_micro_step
+        if position + per_micro_step > span:
+            position = 0
 
 
 class _RankMicroBatches(torch.utils.data.Dataset):
-    """Item b: this rank's slice of micro-batch b (for DataLoader workers)."""
+    """Item p: this rank's slice of the micro-batch that starts at item p (for DataLoader workers)."""
 
-    def __init__(self, dataset, per_micro_step: int, offset: int, mbs: int):
-        self.dataset, self.per_micro_step, self.offset, self.mbs = dataset, per_micro_step, offset, mbs
+    def __init__(self, dataset, offset: int, mbs: int):
+        self.dataset, self.offset, self.mbs = dataset, offset, mbs
 
-    def __getitem__(self, b: int) -> dict:
-        start = b * self.per_micro_step + self.offset
+    def __getitem__(self, position: int) -> dict:
+        start = position + self.offset
         return {"text": torch.from_numpy(_read_items(self.dataset, start, start + self.mbs))}
 
 

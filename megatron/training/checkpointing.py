@@ -32,6 +32,7 @@ import torch.distributed as dist
 
 from megatron.errors import CheckpointError
 from megatron import checkpoint_files as files
+from megatron.training import elastic
 from megatron.training import load_weights as weights
 
 log = logging.getLogger(__name__)
@@ -277,7 +278,7 @@ def save_checkpoint(args, iteration: int, engine, groups, l2e=None) -> str:
     """Save everything needed to resume at ``iteration``; returns the checkpoint dir.
 
     Every rank must call this (DeepSpeed and the barriers are collective). ``groups``
-    is not needed: DeepSpeed knows the layout and our files are keyed by global rank.
+    places this rank in the ``layout`` its mp_rank file records (read on resume elsewhere).
     Assumes ``args.save`` is one filesystem shared by all nodes, as NeoX does.
     """
     directory, tag = args.save, checkpoint_tag(iteration)
@@ -288,7 +289,8 @@ def save_checkpoint(args, iteration: int, engine, groups, l2e=None) -> str:
         _sweep_leftovers(directory)
     _barrier()
 
-    client_state = {"iteration": iteration, "args": _neox_args_summary(args), **_saved_state(args)}
+    client_state = {"iteration": iteration, "args": _neox_args_summary(args), **_saved_state(args),
+                    "layout": elastic.layout_state(args, engine, groups) if groups is not None else None}
     tmp_dir = os.path.join(directory, tmp_tag)
     try:
         with _optimizer_saving(engine, not getattr(args, "no_save_optim", False)):
@@ -492,16 +494,16 @@ def _refuse_older_source(args, iteration: int | None) -> None:
         )
 
 
-def _load_other_layout(args, engine, groups, l2e, info, current: dict) -> int:
-    """The checkpoint was saved with another parallel layout than this run's.
-
-    This is the one place where a resharding load (megatron/training/elastic.py) plugs in.
-    """
-    changed = ", ".join(layout_differences(info.layout, current))
-    raise CheckpointError(
-        f"load: {info.path} was saved with another parallel layout ({changed}); resume with the "
-        f"layout it was saved with, or load its weights only with 'finetune: true'"
-    )
+def _load_other_layout(args, engine, groups, l2e, info) -> int:
+    """The checkpoint was saved with another parallel layout than this run's (or by
+    tools/ckpts/reshard.py): megatron/training/elastic.py reads it by parameter name."""
+    iteration = elastic.load_other_layout(args, engine, groups, info.path, l2e)
+    optimizer = "✓ (resharded)" if info.has_optimizer and not args.no_load_optim else "✗ (fresh)"
+    return _report(Restored(source=f"{info.path} (another layout)", iteration=iteration,
+                            samples=engine.global_samples, optimizer=optimizer,
+                            schedule_at=_schedule_position(engine, iteration),
+                            l2e="✓ (resharded)" if l2e is not None else "– (off)",
+                            rng="✓ where the rank existed" if not args.no_load_rng else "✗ (fresh)"))
 
 
 def _check_own_files(engine, directory: str, tag: str, load_optimizer: bool) -> None:
@@ -634,6 +636,13 @@ def load_checkpoint(args, engine, groups, l2e=None) -> int:
     if info.kind == "weights":
         return _continue_from_weights(args, engine, groups, l2e, info, info.iteration or 0)
     current = current_layout(args, engine, groups)
-    if layout_differences(info.layout, current):
-        return _load_other_layout(args, engine, groups, l2e, info, current)
+    if groups is not None:  # elastic's own comparison also catches a resharded checkpoint
+        if elastic.needs_elastic(elastic.saved_layout(info.path), elastic.current_layout(args, engine)):
+            return _load_other_layout(args, engine, groups, l2e, info)
+    elif layout_differences(info.layout, current):
+        changed = ", ".join(layout_differences(info.layout, current))
+        raise CheckpointError(
+            f"load: {info.path} was saved with another parallel layout ({changed}); resume with the "
+            f"layout it was saved with, or load its weights only with 'finetune: true'"
+        )
     return _resume(args, engine, l2e, info, directory, tag)

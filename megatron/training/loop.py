@@ -167,11 +167,13 @@ def pretrain(args) -> dict:
     train_ds, valid_ds, test_ds = build_train_valid_test_datasets(args)
     pipe = trainer.is_pipe
 
-    def batches(dataset, start):
-        raw = make_data_iterator(dataset, args, groups.dp_rank, groups.dp_size, start)
+    def batches(dataset, start, start_sample=None):
+        raw = make_data_iterator(dataset, args, groups.dp_rank, groups.dp_size, start, start_sample)
         return micro_batches(raw, tokenizer.eod, args.eod_mask_loss, pipe)
 
-    train_batches = batches(train_ds, iteration)
+    # DeepSpeed counts (and checkpoints) consumed samples; they differ from iteration x
+    # global batch once a resume changed the batch. 0: a fresh run or a weights-only load.
+    train_batches = batches(train_ds, iteration, trainer.engine.global_samples or None)
     valid_batches = batches(valid_ds, 0) if valid_ds is not None and args.eval_iters else None
 
     logger = logging.MetricsLogger(args, groups, engine=trainer.engine)
