@@ -30,6 +30,9 @@ L2E_HELP = {
     "sync_stats": "Merge running statistics over data-parallel ranks every step.",
     "threshold_lr": "Multiplier of the threshold update step 1/N.",
     "eps": "Variance floor in the score and the log in the regulariser.",
+    "diagnostics_interval": "Gather l2e/batch_quantile, mean_selected_ms, grad_ratio, l2e_loss "
+                            "on log steps at most once per this many steps.",
+    "diagnostics_samples": "Random (sample, neuron) pairs for l2e/batch_quantile; 0 = exact.",
 }
 
 

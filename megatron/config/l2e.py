@@ -28,6 +28,11 @@ class L2EConfig:
     sync_stats: bool = True
     threshold_lr: float = 1.0
     eps: float = 1.0e-12
+    # diagnostics (metrics.py): l2e/batch_quantile, l2e/mean_selected_ms, l2e/grad_ratio and
+    # train/l2e_loss are gathered on log steps at most once per diagnostics_interval steps,
+    # l2e/batch_quantile from diagnostics_samples random (sample, neuron) pairs (0 = exact)
+    diagnostics_interval: int = 10
+    diagnostics_samples: int = 8192
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "l2e") -> "L2EConfig":
@@ -65,6 +70,11 @@ class L2EConfig:
                 raise ConfigError(f"{source}: l2e.{name} must be >= 0, got {getattr(self, name)}")
         if self.eps <= 0:
             raise ConfigError(f"{source}: l2e.eps must be > 0, got {self.eps}")
+        if self.diagnostics_interval < 1:
+            raise ConfigError(f"{source}: l2e.diagnostics_interval must be >= 1, got {self.diagnostics_interval}")
+        if self.diagnostics_samples < 0:
+            raise ConfigError(f"{source}: l2e.diagnostics_samples must be >= 0 (0 = exact), "
+                              f"got {self.diagnostics_samples}")
         if self.warmup_steps < 0:
             raise ConfigError(f"{source}: l2e.warmup_steps must be >= 0, got {self.warmup_steps}")
         if isinstance(self.layers, list) and not self.layers:
