@@ -15,7 +15,8 @@ machine disturbs far less than a difference of two step times.
 With ``--log-intervals 1 10`` the variants are instead plain and L2E at those
 ``log_interval`` values, gathering its diagnostics (l2e/batch_quantile, l2e_loss, ...) on
 the steps the training loop would (`diagnostics_due`), plus ``l2e_every_step``: the
-diagnostics on every step (``l2e.diagnostics_interval: 1``), which prices one of them.
+diagnostics on every step (``l2e.diagnostics_interval: 1``), which prices one of them,
+and ``l2e_every_exact``: the same with the exact quantile (``diagnostics_samples: 0``).
 """
 from __future__ import annotations
 
@@ -52,6 +53,8 @@ def log_interval_variants(intervals: list[int]) -> dict:
     variants = {"plain": (None, None, {})}
     variants.update({f"l2e_log{n}": ("moving_threshold", n, {}) for n in intervals})
     variants["l2e_every_step"] = ("moving_threshold", 1, {"diagnostics_interval": 1})
+    # what every step cost before diagnostics_interval and sampling existed
+    variants["l2e_every_exact"] = ("moving_threshold", 1, {"diagnostics_interval": 1, "diagnostics_samples": 0})
     return variants
 
 
