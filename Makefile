@@ -14,7 +14,7 @@ export WANDB_MODE           ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 export PYTHONUNBUFFERED     := 1
 
-.PHONY: install demo demo-monitor figures test test-fast bench clean
+.PHONY: install demo demo-monitor figures test test-fast bench gpu-check clean
 
 $(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,10 @@ bench: install
 	OMP_NUM_THREADS=2 $(BIN)/python tools/bench/bench_train_step.py
 	OMP_NUM_THREADS=2 $(BIN)/python tools/bench/l2e_overhead.py
 	$(BIN)/python tools/bench/bench_index_maps.py
+
+# The GPU acceptance run (one CUDA GPU, <= 8 minutes); --smoke runs its code paths on CPU.
+gpu-check: install
+	$(BIN)/python tools/bench/gpu_check.py --json gpu_check.json
 
 clean:
 	rm -rf runs .pytest_cache

@@ -65,6 +65,17 @@ def _shard_params(args) -> dict:
             "final_norm": count(model.final_norm)}
 
 
+def training_flops(args, matmul_params: int | None = None) -> float:
+    """Model FLOPs of one optimizer step: 6 N T + 12 L s h T, N = parameters doing matmuls
+    (all but the input embedding), T = tokens per step."""
+    if matmul_params is None:
+        from describe_model import describe
+
+        matmul_params = describe(args)["total_params"] - _shard_params(args)["embed"]
+    tokens = args.train_batch_size * args.seq_length
+    return 6 * matmul_params * tokens + 12 * args.num_layers * args.seq_length * args.hidden_size * tokens
+
+
 def plan(args, gpus: int, gpu_memory_gib: float, peak_tflops: float = DEFAULT_PEAK_TFLOPS,
          mfu: float = DEFAULT_MFU, overhead_gib: float = 1.0) -> dict:
     """The plan for ``args`` (vocab size set) on ``gpus`` GPUs of ``gpu_memory_gib`` each."""
@@ -126,8 +137,7 @@ def plan(args, gpus: int, gpu_memory_gib: float, peak_tflops: float = DEFAULT_PE
     memory["activations_with_checkpointing"] = checkpointed / GIB
 
     tokens_per_step = args.train_batch_size * s
-    matmul_params = params_total - parts["embed"]
-    flops = 6 * matmul_params * tokens_per_step + 12 * L * s * h * tokens_per_step
+    flops = training_flops(args, params_total - parts["embed"])
     step_seconds = flops / (gpus * peak_tflops * 1e12 * mfu)
     return {
         "gpus": gpus, "gpu_memory_gib": gpu_memory_gib,

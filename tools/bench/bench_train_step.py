@@ -49,8 +49,9 @@ def _ours(args):
     return lambda: run.step()["lm_loss"], run.micro[:2]
 
 
-def _hf(args, batch, device):
-    """The same model and optimizer step written the plain transformers way."""
+def _hf(args, batch, device, autocast=None):
+    """The same model and optimizer step written the plain transformers way (fp32
+    weights; ``autocast`` = torch.bfloat16 trains in mixed precision, as HF's Trainer)."""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     cfg = GPTNeoXConfig(
@@ -65,7 +66,8 @@ def _hf(args, batch, device):
     tokens, labels = batch
 
     def step():
-        logits = model(input_ids=tokens).logits
+        with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+            logits = model(input_ids=tokens).logits
         loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
