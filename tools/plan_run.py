@@ -46,7 +46,7 @@ from megatron.errors import ConfigError, cli_main  # noqa: E402
 
 GIB = 2**30
 DEFAULT_MFU = 0.40
-DEFAULT_PEAK_TFLOPS = 989.0  # H100 SXM, bf16/fp16 dense; see tools/bench/gpu_specs.py
+DEFAULT_PEAK_TFLOPS = 989.0  # H100 SXM, bf16/fp16 dense; the table is in tools/bench/gpu_check.py
 ACTIVATION_TENSORS_PER_BLOCK = 18  # [b, s, h]-sized tensors a block saves for backward
 L2E_BYTES_PER_NEURON = 17  # z.float(), d, d2, g (fp32) and the mask, during one hook
 

@@ -66,7 +66,7 @@ def _hf(args, batch, device, autocast=None):
     tokens, labels = batch
 
     def step():
-        with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+        with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
             logits = model(input_ids=tokens).logits
         loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
         loss.backward()

@@ -12,8 +12,9 @@ Checks (docs/BENCHMARKS.md says how to read the table):
                           configs' micro-batch and activation checkpointing
   hf_step_ratio           our step time / transformers GPTNeoXForCausalLM + torch AdamW, 410M
   l2e_overhead            L2E and top-k step time over plain at the 70M / 410M / 2.8B layer shapes
-  l2e_train               30 steps of 70M with L2E in bf16: tau finite, selected fraction
-                          within [rho/2, 2 rho] after the warm-up, l2e_loss finite
+  l2e_train               30 steps of 70M with L2E in bf16 (128 fresh random sequences per
+                          step): tau finite, selected fraction within [rho/2, 2 rho] after
+                          the warm-up, l2e_loss finite
 
 Every model is built by our stack (stack.Run: NeoXArgs from configs/pythia/*.yml with
 overrides -> build_trainer -> train_step), one process. Each check has a time budget;
@@ -292,8 +293,13 @@ class Checker:
 
     def l2e_train(self) -> dict:
         precision = "bf16" if self.cuda else "fp32"
-        args = self.args("70M", precision, l2e=True, **({} if self.smoke else {"train_micro_batch_size_per_gpu": 8}))
-        run = stack.Run(args)
+        # Fresh random sequences, 128 per step on the GPU (8 x 16 accumulated): the moving
+        # threshold's warm-up needs statistics of more than a handful of samples (with 8
+        # per step it starts far too high and takes hundreds of steps to come down,
+        # docs/l2e.md "Tracking speed"); Pythia's steps have 1,024.
+        batch = {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 4 if self.smoke else 16}
+        args = self.args("70M", precision, l2e=True, **batch)
+        run = stack.Run(args, fresh=True)
         steps = 30
         history = [run.step(log=(i == steps - 1)) for i in range(steps)]
         self.release(run)
@@ -312,7 +318,8 @@ class Checker:
         if not math.isfinite(l2e_loss):
             problems.append("train/l2e_loss not finite")
         last = history[-1]
-        detail = (f"{steps} steps of 70M{'-shaped (smoke)' if self.smoke else ''} in {precision}, layers {layers}: "
+        detail = (f"{steps} steps of 70M{'-shaped (smoke)' if self.smoke else ''} in {precision}, "
+                  f"{args.train_batch_size} fresh random sequences per step, layers {layers}: "
                   + ", ".join(f"tau {last[f'l2e/tau/layer_{i}']:.3g} frac {last[f'l2e/selected_frac/layer_{i}']:.4f}"
                               for i in layers) + f", l2e_loss {l2e_loss:.3g}")
         if problems:

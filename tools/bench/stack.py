@@ -57,10 +57,15 @@ def config_args(configs: list[str], overrides: dict | None = None, vocab: int = 
 
 
 class Run:
-    """A trainer of our stack and a fixed synthetic micro-batch; ``step()`` is one
-    optimizer step through ``megatron.training.loop.train_step``."""
+    """A trainer of our stack on synthetic tokens; ``step()`` is one optimizer step
+    through ``megatron.training.loop.train_step``.
 
-    def __init__(self, args, seed: int = 0):
+    By default every micro-batch is the same fixed batch (timing; a loss that falls
+    fast). ``fresh=True`` draws new uniform tokens for every micro-batch instead: i.i.d.
+    samples, as L2E's running statistics assume (a repeated batch is a population of
+    a few samples, whose scores tie)."""
+
+    def __init__(self, args, seed: int = 0, fresh: bool = False):
         from megatron.parallel import ParallelGroups
         from megatron.training.engine import build_trainer
 
@@ -68,20 +73,23 @@ class Run:
         torch.manual_seed(args.seed)
         self.args = args
         self.trainer = build_trainer(args, ParallelGroups.build(1, 1))
-        g = torch.Generator().manual_seed(seed)
-        text = torch.randint(0, args.padded_vocab_size, (args.train_micro_batch_size_per_gpu, args.seq_length + 1),
-                             generator=g)
-        tokens, labels = text[:, :-1].to(device()), text[:, 1:].to(device())
-        mask = torch.ones_like(tokens, dtype=torch.float32)
-        self.micro = (tokens, labels, mask)
-        # a pipeline engine (pipe_parallel_size >= 1, as in the Pythia configs) takes
-        # DeepSpeed's ((inputs,), (labels, mask)) format
-        self._fed = ((tokens,), (labels, mask)) if self.trainer.is_pipe else self.micro
+        self.fresh = fresh
+        self._generator = torch.Generator(device=device()).manual_seed(seed)
+        self.micro = self._draw()
         self.iteration = 0
+
+    def _draw(self):
+        shape = (self.args.train_micro_batch_size_per_gpu, self.args.seq_length + 1)
+        text = torch.randint(0, self.args.padded_vocab_size, shape, generator=self._generator, device=device())
+        tokens, labels = text[:, :-1], text[:, 1:]
+        return tokens, labels, torch.ones_like(tokens, dtype=torch.float32)
 
     def _batches(self):
         while True:
-            yield self._fed
+            tokens, labels, mask = self._draw() if self.fresh else self.micro
+            # a pipeline engine (pipe_parallel_size >= 1, as in the Pythia configs) takes
+            # DeepSpeed's ((inputs,), (labels, mask)) format
+            yield ((tokens,), (labels, mask)) if self.trainer.is_pipe else (tokens, labels, mask)
 
     def step(self, log: bool = False) -> dict:
         from megatron.training.loop import train_step
