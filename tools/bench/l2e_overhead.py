@@ -21,16 +21,18 @@ and ``l2e_every_exact``: the same with the exact quantile (``diagnostics_samples
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a source checkout
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import stack  # noqa: E402
 
 from megatron.config.l2e import L2EConfig
 from megatron.errors import ConfigError, cli_main
@@ -102,12 +104,8 @@ def benchmark(shape: str, reps: int, steps: int, batch: int, seq: int, variants:
     for name in names:  # past the threshold warm-up, allocator and caches settled
         run(name, 4)
         own_share[name].clear()
-    times = {name: [] for name in names}
-    for rep in range(reps):
-        for name in names[rep % len(names):] + names[:rep % len(names)]:
-            t0 = time.perf_counter()
-            run(name, steps)
-            times[name].append((time.perf_counter() - t0) / steps)
+    reps_s = stack.interleaved({name: functools.partial(run, name, steps) for name in names}, reps, warmup=0)
+    times = {name: [t / steps for t in ts] for name, ts in reps_s.items()}
     median = {name: statistics.median(t) for name, t in times.items()}
     fastest = {name: min(t) for name, t in times.items()}
     return {
