@@ -1,5 +1,7 @@
 """Cheap L2E diagnostics: the sampled batch quantile and the diagnostics schedule."""
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +10,7 @@ from megatron.config.l2e import L2EConfig
 from megatron.errors import ConfigError
 from megatron.l2e.metrics import batch_quantile, diagnostics_due, sampled_quantile
 
+ROOT = Path(__file__).resolve().parents[2]
 RATE = 0.02
 
 
@@ -70,3 +73,32 @@ def test_diagnostics_schedule(log_interval, diagnostics_interval, expected):
 def test_bad_diagnostics_settings_are_config_errors(key, value):
     with pytest.raises(ConfigError, match=f"l2e.{key}"):
         L2EConfig.from_dict({key: value}, source="run.yml")
+
+
+def _pretrain(rank, world_size, overrides):
+    from megatron.config import NeoXArgs
+    from megatron.training import pretrain
+
+    return pretrain(NeoXArgs.from_ymls([str(ROOT / "configs" / "local" / "tiny.yml")], overrides=overrides))
+
+
+def test_training_logs_every_step_but_diagnoses_every_fifth(tmp_path):
+    from distributed import run_distributed
+
+    overrides = {
+        "num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "seq_length": 32,
+        "max_position_embeddings": 32, "train_micro_batch_size_per_gpu": 2,
+        "train_iters": 12, "lr_decay_iters": 12, "log_interval": 1, "eval_interval": 100, "eval_iters": 0,
+        "l2e.diagnostics_interval": 5, "l2e.warmup_steps": 2,
+        "data_path": str(ROOT / "data" / "austen_bpe4k_text_document"),
+        "vocab_file": str(ROOT / "data" / "tokenizers" / "austen_bpe4k.json"),
+        "log_dir": str(tmp_path / "logs"), "save": None,
+    }
+    run_distributed(_pretrain, world_size=1, args=(overrides,), init_deepspeed=True)
+    lines = [json.loads(line) for line in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()]
+    logged = [m for m in lines if "train/lm_loss" in m]
+    assert [m["iteration"] for m in logged] == list(range(1, 13))
+    assert all("l2e/tau/layer_0" in m for m in logged)  # the cheap metrics: every line
+    diagnosed = [m["iteration"] for m in logged if "l2e/batch_quantile/layer_0" in m]
+    assert diagnosed == [5, 10, 12]  # and the last step
+    assert all("train/l2e_loss" in m for m in logged if m["iteration"] in diagnosed)
