@@ -56,3 +56,16 @@ def test_a_crashing_check_is_a_failure_and_the_run_goes_on():
 def test_without_a_gpu_the_full_run_is_a_one_line_error():
     proc = subprocess.run([sys.executable, TOOL], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--smoke" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_shapes_shrink_to_fit_memory_and_time():
+    checker = _tool().Checker(smoke=False, peak_tflops=989.0)  # the GPU logic, without a GPU
+    # 1B's weights, gradients and Adam states alone are ~19 GiB: the micro-batch goes to 1,
+    # then layers go until plan_run's estimate fits 85% of 20 GiB
+    args, note = checker._fit("1B", budget_s=1e6, memory_gib=20.0)
+    assert args.train_micro_batch_size_per_gpu == 1 and args.num_layers < 16
+    assert "micro-batch 1 instead of 4 (memory)" in note and f"{args.num_layers} of 16 layers (memory)" in note
+    args, note = checker._fit("410M", budget_s=1e-3, memory_gib=1e4)  # no time at all: 2 layers
+    assert args.num_layers == 2 and note == "; shrunk: 2 of 24 layers (time)"
+    args, note = checker._fit("160M", budget_s=1e6, memory_gib=1e4)
+    assert note == "" and args.num_layers == 12 and args.train_micro_batch_size_per_gpu == 32

@@ -95,7 +95,8 @@ class Checker:
         values = {"train_batch_size": None, "gradient_accumulation_steps": 1, "log_interval": 1,
                   "wall_clock_breakdown": False,  # DeepSpeed's timers synchronize and print
                   # no lr warm-up, negligible decay: losses must fall within 40 steps
-                  "warmup": 0.0, "train_iters": 10**4, "lr_decay_iters": 10**4, **(SMOKE if self.smoke else {}), **overrides}
+                  "warmup": 0.0, "train_iters": 10**4, "lr_decay_iters": 10**4,
+                  **(SMOKE if self.smoke else {}), **overrides}
         if "num_layers" in values:  # Pythia's global flash attention, over the shrunk depth
             values["attention_config"] = [[["flash"], values["num_layers"]]]
         if precision is None and self.smoke:
@@ -123,9 +124,6 @@ class Checker:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-
-    def shrink_note(self, args, full_layers: int) -> str:
-        return "" if args.num_layers == full_layers else f" ({args.num_layers} of {full_layers} layers)"
 
     # ------------------------------------------------------------------ checks
 
@@ -188,9 +186,10 @@ class Checker:
                 "detail": f"bf16 [2, 2048, 768], 12 heads: max |sdpa - flash| out {diffs[0]:.2e}, "
                           f"dx {diffs[1]:.2e}, dW_qkv {diffs[2]:.2e} (relative {max(rel):.1e}, limit 2e-2)"}
 
-    def _fit(self, model: str, budget_s: float, **overrides):
-        """Args for ``model`` shrunk until plan_run's memory estimate fits the GPU and the
-        estimated time of ~8 steps fits the budget; returns (args, note)."""
+    def _fit(self, model: str, budget_s: float, memory_gib: float | None = None, **overrides):
+        """Args for ``model`` shrunk until plan_run's memory estimate fits the GPU
+        (``memory_gib``, default: this GPU's) and the estimated time of ~8 steps fits the
+        budget; returns (args, note)."""
         sys.path.insert(0, str(stack.ROOT / "tools"))
         from plan_run import plan
 
@@ -198,20 +197,23 @@ class Checker:
         if self.smoke:
             return args, ""
         full_layers, full_mbs = args.num_layers, args.train_micro_batch_size_per_gpu
-        memory = torch.cuda.get_device_properties(0).total_memory / 2**30
-        layers, mbs = full_layers, full_mbs
+        memory = memory_gib or torch.cuda.get_device_properties(0).total_memory / 2**30
+        layers, mbs, layer_reasons = full_layers, full_mbs, set()
         while True:
             p = plan(args, 1, memory, self.peak_tflops or 300.0, mfu=0.3)
-            if p["memory_gib"]["total"] > 0.85 * memory and mbs > 1:
+            too_big = p["memory_gib"]["total"] > 0.85 * memory
+            too_slow = 8 * p["est_step_seconds"] > budget_s
+            if too_big and mbs > 1:
                 mbs //= 2
-            elif 8 * p["est_step_seconds"] > budget_s and layers > 2:
+            elif (too_big or too_slow) and layers > 2:
                 layers = max(2, layers // 2)
+                layer_reasons |= ({"memory"} if too_big else set()) | ({"time"} if too_slow else set())
             else:
                 break
             args = self.args(model, **{**overrides, "num_layers": layers, "train_micro_batch_size_per_gpu": mbs})
         notes = []
         if layers != full_layers:
-            notes.append(f"{layers} of {full_layers} layers (time)")
+            notes.append(f"{layers} of {full_layers} layers ({', '.join(sorted(layer_reasons))})")
         if mbs != full_mbs:
             notes.append(f"micro-batch {mbs} instead of {full_mbs} (memory)")
         return args, ("; shrunk: " + ", ".join(notes)) if notes else ""
