@@ -218,6 +218,19 @@ class Checker:
             notes.append(f"micro-batch {mbs} instead of {full_mbs} (memory)")
         return args, ("; shrunk: " + ", ".join(notes)) if notes else ""
 
+    def _timed_steps(self, args):
+        """A run of ``args``: one warm-up step, then up to 5 timed ones within the budget."""
+        with stack.PeakMemory() as peak:
+            run = stack.Run(args)
+            try:
+                run.step()
+                times = []
+                while len(times) < 5 and not (self.out_of_time() and times):
+                    times.append(stack.timed(run.step))
+            finally:
+                self.release(run)
+        return run, times, peak
+
     def throughput(self) -> dict:
         sys.path.insert(0, str(stack.ROOT / "tools"))
         from plan_run import training_flops
@@ -225,13 +238,15 @@ class Checker:
         results, budget = [], BUDGET_S["throughput"] / 3
         for model in ("160M", "410M", "1B"):
             args, note = self._fit(model, budget)
-            with stack.PeakMemory() as peak:
-                run = stack.Run(args)
-                run.step()
-                times = []
-                while len(times) < 5 and not (self.out_of_time() and times):
-                    times.append(stack.timed(run.step))
-            self.release(run)
+            try:
+                run, times, peak = self._timed_steps(args)
+            except torch.cuda.OutOfMemoryError:  # the estimate was low: once more at half the micro-batch
+                gc.collect()
+                torch.cuda.empty_cache()
+                mbs = max(1, args.train_micro_batch_size_per_gpu // 2)
+                note += f"; out of memory at micro-batch {args.train_micro_batch_size_per_gpu}, ran {mbs}"
+                args = self.args(model, num_layers=args.num_layers, train_micro_batch_size_per_gpu=mbs)
+                run, times, peak = self._timed_steps(args)
             step_s = stack.median(times)
             tflops = training_flops(args) / step_s / 1e12
             results.append({"shape": model, "layers": args.num_layers, "micro_batch": args.train_micro_batch_size_per_gpu,
