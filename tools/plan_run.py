@@ -33,7 +33,6 @@ throughput check) when you have one.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os

@@ -249,8 +249,9 @@ class Checker:
                 run, times, peak = self._timed_steps(args)
             step_s = stack.median(times)
             tflops = training_flops(args) / step_s / 1e12
-            results.append({"shape": model, "layers": args.num_layers, "micro_batch": args.train_micro_batch_size_per_gpu,
-                            "precision": args.precision, "checkpoint_activations": bool(args.checkpoint_activations),
+            results.append({"shape": model, "layers": args.num_layers,
+                            "micro_batch": args.train_micro_batch_size_per_gpu, "precision": args.precision,
+                            "checkpoint_activations": bool(args.checkpoint_activations),
                             "step_s": step_s, "tokens_per_s": run.tokens_per_step / step_s, "tflops": tflops,
                             "mfu": tflops / self.peak_tflops if self.peak_tflops else None,
                             "peak_memory_gib": peak.bytes / 2**30, "note": note.lstrip("; ")})
@@ -383,7 +384,8 @@ def device_name() -> str:
 
 
 def print_table(report: dict) -> None:
-    print(f"\ndevice: {report['device']}   torch {report['torch']}   {'smoke (CPU, tiny shapes)' if report['smoke'] else ''}")
+    mode = "smoke (CPU, tiny shapes)" if report["smoke"] else ""
+    print(f"\ndevice: {report['device']}   torch {report['torch']}   {mode}")
     print(f"{'check':17s} {'status':6s} {'time':>7s}  detail")
     for c in report["checks"]:
         print(f"{c['name']:17s} {c['status']:6s} {c['seconds']:6.1f}s  {c['detail']}")
