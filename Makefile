@@ -14,7 +14,7 @@ export WANDB_MODE           ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 export PYTHONUNBUFFERED     := 1
 
-.PHONY: install demo demo-monitor demo-compare figures test test-fast bench clean
+.PHONY: install demo demo-monitor demo-compare figures test test-fast bench gpu-check clean
 
 $(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +57,10 @@ bench: install
 	OMP_NUM_THREADS=2 $(BIN)/python tools/bench/l2e_overhead.py
 	OMP_NUM_THREADS=1 $(BIN)/python tools/bench/l2e_tracker.py
 	$(BIN)/python tools/bench/bench_index_maps.py
+
+# The GPU acceptance run (one CUDA GPU, <= 8 minutes); --smoke runs its code paths on CPU.
+gpu-check: install
+	$(BIN)/python tools/bench/gpu_check.py --json gpu_check.json
 
 clean:
 	rm -rf runs .pytest_cache

@@ -227,9 +227,20 @@ def _infer_layout(ckpt_dir: str, names: list[str], meta: dict) -> dict:
             "world_size": len(extra) or None}
 
 
+ZERO3_PREFIX = "zero_pp_rank_0_"  # ZeRO-3 names the engine-state files per dp rank
+
+
+def engine_state_file(ckpt_dir: str) -> str:
+    """Rank 0's engine-state file (iteration, args, layout, and at pp=0 the weights):
+    ``mp_rank_00_model_states.pt``, or ZeRO-3's ``zero_pp_rank_0_mp_rank_00_model_states.pt``."""
+    plain = os.path.join(ckpt_dir, MP_FILE.format(0))
+    zero3 = os.path.join(ckpt_dir, ZERO3_PREFIX + MP_FILE.format(0))
+    return zero3 if not os.path.isfile(plain) and os.path.isfile(zero3) else plain
+
+
 def read_checkpoint_info(ckpt_dir: str) -> CheckpointInfo:
     names = sorted(os.listdir(ckpt_dir))
-    meta_path = os.path.join(ckpt_dir, MP_FILE.format(0))
+    meta_path = engine_state_file(ckpt_dir)
     if not os.path.isfile(meta_path):
         hint = "layer files but " if any(n.startswith("layer_") for n in names) else ""
         raise CheckpointError(f"load: {meta_path} is missing ({hint}no engine state); the checkpoint is "

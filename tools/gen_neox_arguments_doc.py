@@ -32,6 +32,9 @@ L2E_HELP = {
     "threshold_update": "multiplicative (scale-free, default) or additive (paper eq. 6).",
     "stats_momentum": "1 = cumulative MS statistics (paper); beta < 1 = exponentially moving.",
     "eps": "Variance floor in the score and the log in the regulariser.",
+    "diagnostics_interval": "Gather l2e/batch_quantile, mean_selected_ms, grad_ratio, l2e_loss "
+                            "on log steps at most once per this many steps.",
+    "diagnostics_samples": "Random (sample, neuron) pairs for l2e/batch_quantile; 0 = exact.",
 }
 
 

@@ -33,6 +33,11 @@ class L2EConfig:
     # the old state weighted by beta each step (a window of ~1/(1 - beta) steps)
     stats_momentum: float = 1.0
     eps: float = 1.0e-12
+    # diagnostics (metrics.py): l2e/batch_quantile, l2e/mean_selected_ms, l2e/grad_ratio and
+    # train/l2e_loss are gathered on log steps at most once per diagnostics_interval steps,
+    # l2e/batch_quantile from diagnostics_samples random (sample, neuron) pairs (0 = exact)
+    diagnostics_interval: int = 10
+    diagnostics_samples: int = 8192
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "l2e") -> "L2EConfig":
@@ -73,6 +78,11 @@ class L2EConfig:
                               f"got {self.stats_momentum}")
         if self.eps <= 0:
             raise ConfigError(f"{source}: l2e.eps must be > 0, got {self.eps}")
+        if self.diagnostics_interval < 1:
+            raise ConfigError(f"{source}: l2e.diagnostics_interval must be >= 1, got {self.diagnostics_interval}")
+        if self.diagnostics_samples < 0:
+            raise ConfigError(f"{source}: l2e.diagnostics_samples must be >= 0 (0 = exact), "
+                              f"got {self.diagnostics_samples}")
         if self.warmup_steps < 0:
             raise ConfigError(f"{source}: l2e.warmup_steps must be >= 0, got {self.warmup_steps}")
         if isinstance(self.layers, list) and not self.layers:

@@ -63,8 +63,15 @@ class _Site:
         self.retrieval = Retrieval(rate=cfg.rate, num_neurons=seq_length * width, mode=cfg.retrieval,
                                    warmup_steps=cfg.warmup_steps, threshold_lr=cfg.threshold_lr,
                                    update=cfg.threshold_update, tp_group=tp_group)
-        self.log = LayerLog()
         self.frac = 0.0
+        # the quantile diagnostic's own random stream: drawing from the global one would
+        # change dropout and data order depending on the log interval
+        self.generator = torch.Generator(device=device).manual_seed(1_000_003 * (layer + 1))
+        self.quantile_samples = cfg.diagnostics_samples
+        self.log = self.new_log()
+
+    def new_log(self) -> LayerLog:
+        return LayerLog(self.quantile_samples, self.generator)
 
 
 class L2E:
@@ -118,7 +125,7 @@ class L2E:
         self._active = True
         for s in self.sites.values():
             s.moments.begin_step()
-            s.log = LayerLog()
+            s.log = s.new_log()
         self._hook_time = time.perf_counter() - self._t_begin
 
     def end_step(self, commit: bool = True) -> dict[str, float]:
@@ -214,7 +221,7 @@ class L2E:
             return None
         mask = site.retrieval.select(d2, mom.var, count=counting)
         if counting and self._log:
-            site.log.record(mom.score(d2), d2, mask, rate=cfg.rate, loss_weight=cfg.loss_weight, eps=cfg.eps)
+            site.log.record(d2, mom.var, mask, rate=cfg.rate, loss_weight=cfg.loss_weight, eps=cfg.eps)
         if cfg.inhibition == "regularize":
             return regularize(z, d, d2, mask, loss_weight=cfg.loss_weight, eps=cfg.eps,
                               grad_scale=self.grad_scale, tp_group=site.gather_group,

@@ -35,13 +35,13 @@ import re
 import torch
 import torch.distributed as dist
 
+from megatron.checkpoint_files import ZERO3_PREFIX, engine_state_file
 from megatron.checkpoint_format import merge_tp_tensor, split_tp_tensor
 from megatron.errors import CheckpointError
 from megatron.parallel.groups import build_topology
 
 log = logging.getLogger(__name__)
 
-MP_FILE = "mp_rank_{:02d}_model_states.pt"
 LAYER_FILE = "layer_{:02d}-model_{:02d}-model_states.pt"
 _ZERO_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
 _EXTRA_FILE = re.compile(r"^rank_(\d+)_extra_state\.pt$")
@@ -160,12 +160,11 @@ def infer_layout(ckpt_dir: str, meta0: dict) -> dict:
 def saved_layout(ckpt_dir: str) -> dict | None:
     """The checkpoint's layout, recorded or inferred; None when it has no model-state file
     we know (DeepSpeed's loader then reports what is wrong)."""
-    for name in (MP_FILE.format(0), "zero_pp_rank_0_" + MP_FILE.format(0)):  # the second: ZeRO-3
-        path = os.path.join(ckpt_dir, name)
-        if os.path.isfile(path):
-            meta0 = _load(path)
-            return meta0.get("layout") or infer_layout(ckpt_dir, meta0)
-    return None
+    path = engine_state_file(ckpt_dir)
+    if not os.path.isfile(path):
+        return None
+    meta0 = _load(path)
+    return meta0.get("layout") or infer_layout(ckpt_dir, meta0)
 
 
 def needs_elastic(saved: dict | None, current: dict) -> bool:
@@ -203,7 +202,7 @@ class SourceCheckpoint:
         if self.layout is None:
             raise CheckpointError(f"load: {ckpt_dir} has no mp_rank_00_model_states.pt; not a checkpoint of ours")
         # by the files, not the label: a resharded checkpoint says the target's ZeRO stage
-        self.zero3 = os.path.isfile(os.path.join(ckpt_dir, "zero_pp_rank_0_" + MP_FILE.format(0)))
+        self.zero3 = os.path.basename(engine_state_file(ckpt_dir)).startswith(ZERO3_PREFIX)
         model_file = re.compile(r"^zero_pp_rank_0_mp_rank_(\d+)_model_states\.pt$" if self.zero3
                                 else r"^mp_rank_(\d+)_model_states\.pt$")
         self.meta = {int(m.group(1)): _load(os.path.join(ckpt_dir, n))

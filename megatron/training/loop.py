@@ -198,10 +198,9 @@ def pretrain(args) -> dict:
         save(0)  # Pythia keeps the initialisation (extra_save_iters starts with 0)
     try:
         while iteration < args.train_iters:
-            # L2E's detailed metrics cost a little; gather them only for lines that get written
-            is_log_step = (iteration + 1) % args.log_interval == 0 or iteration + 1 == args.train_iters
             profiler.at_step(iteration + 1)
-            metrics = train_step(trainer, train_batches, iteration, groups.dp_group, log=is_log_step)
+            metrics = train_step(trainer, train_batches, iteration, groups.dp_group,
+                                 log=_l2e_diagnostics_step(args, iteration + 1))
             iteration += 1
             guard.check(iteration, metrics["lm_loss"], metrics["skipped"], metrics["nonfinite"])
             losses.append(metrics["lm_loss"])
@@ -219,6 +218,14 @@ def pretrain(args) -> dict:
         preemption.close()
         logger.close()
     return {"iteration": iteration, "lm_loss": losses}
+
+
+def _l2e_diagnostics_step(args, step: int) -> bool:
+    """L2E's diagnostics cost a little: gather them only for lines that get written, and
+    at most about once per ``l2e.diagnostics_interval`` steps (the last step always)."""
+    from megatron.l2e.metrics import diagnostics_due
+
+    return step == args.train_iters or diagnostics_due(step, args.log_interval, args.l2e.diagnostics_interval)
 
 
 def _step_metrics(trainer: Trainer, metrics: dict, guard) -> dict:

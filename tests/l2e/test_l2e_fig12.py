@@ -34,6 +34,7 @@ def _run(tmp: str, name: str, **overrides) -> dict:
         "data_path": str(ROOT / "data" / "austen_bpe4k_text_document"),
         "vocab_file": str(ROOT / "data" / "tokenizers" / "austen_bpe4k.json"),
         "log_dir": str(log_dir), "save": None,  # the tracker at its defaults
+        "l2e.diagnostics_interval": 1,  # the quantile on every logged line
     }
     result = pretrain(NeoXArgs.from_ymls([TINY], overrides={**base, **overrides}))
     lines = [json.loads(line) for line in (log_dir / "metrics.jsonl").read_text().splitlines()]

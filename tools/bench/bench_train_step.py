@@ -10,18 +10,12 @@ hits both alike; we report median step times and ours/HF.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-
-for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"),
-                   ("MASTER_PORT", "29533"), ("DS_ACCELERATOR", "cpu"), ("WANDB_MODE", "disabled")):
-    os.environ.setdefault(key, value)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import stack  # noqa: E402  (sets up the one-process world before torch/deepspeed)
 
 import torch  # noqa: E402
 
@@ -49,26 +43,15 @@ def _neox_args(shape: dict, seq: int):
     return args
 
 
-def _ours(args, batch):
-    """A step function over our engine (DeepSpeed ZeRO-0 fp32, pp=0)."""
-    from megatron.parallel import ParallelGroups
-    from megatron.training.engine import build_trainer
-    from megatron.training.loop import train_step
-
-    trainer = build_trainer(args, ParallelGroups.build(1, 1))
-    tokens, labels = batch
-    mask = torch.ones_like(tokens, dtype=torch.float32)
-
-    def repeat():
-        while True:
-            yield tokens, labels, mask
-
-    stream = repeat()
-    return lambda it: train_step(trainer, stream, it)["lm_loss"]
+def _ours(args):
+    """A step function over our engine (DeepSpeed ZeRO-0 fp32, pp=0) and its batch."""
+    run = stack.Run(args)
+    return lambda: run.step()["lm_loss"], run.micro[:2]
 
 
-def _hf(args, batch, device):
-    """The same model and optimizer step written the plain transformers way."""
+def _hf(args, batch, device, autocast=None):
+    """The same model and optimizer step written the plain transformers way (fp32
+    weights; ``autocast`` = torch.bfloat16 trains in mixed precision, as HF's Trainer)."""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     cfg = GPTNeoXConfig(
@@ -82,8 +65,9 @@ def _hf(args, batch, device):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, fused=True)
     tokens, labels = batch
 
-    def step(_):
-        logits = model(input_ids=tokens).logits
+    def step():
+        with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            logits = model(input_ids=tokens).logits
         loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -94,30 +78,12 @@ def _hf(args, batch, device):
     return step
 
 
-def _timed(step, it, device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    step(it)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
-
-
 def bench(name: str, seq: int, reps: int, warmup: int) -> dict:
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    device = stack.device()
     args = _neox_args(SHAPES[name], seq)
-    g = torch.Generator().manual_seed(0)
-    text = torch.randint(0, args.padded_vocab_size, (args.train_micro_batch_size_per_gpu, seq + 1), generator=g)
-    batch = (text[:, :-1].to(device), text[:, 1:].to(device))
-    steps = {"ours": _ours(args, batch), "hf": _hf(args, batch, device)}
-    times = {k: [] for k in steps}
-    for i in range(warmup + reps):
-        for key, step in steps.items():
-            t = _timed(step, i, device)
-            if i >= warmup:
-                times[key].append(t)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    ours, batch = _ours(args)
+    steps = {"ours": ours, "hf": _hf(args, batch, device)}
+    med = {k: statistics.median(v) for k, v in stack.interleaved(steps, reps, warmup).items()}
     return {"shape": name, "seq": seq, "mbs": args.train_micro_batch_size_per_gpu, "device": str(device),
             "ours_ms": 1000 * med["ours"], "hf_ms": 1000 * med["hf"], "ratio": med["ours"] / med["hf"]}
 
@@ -130,9 +96,6 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=25)  # tiny-shape medians of ~9 steps swing ±5% on a shared CPU
     p.add_argument("--warmup", type=int, default=2)
     ns = p.parse_args(argv)
-    import deepspeed
-
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
     print(f"{'shape':6} {'seq':>4} {'mbs':>4} {'ours ms':>9} {'HF ms':>9} {'ours/HF':>8}  device")
     for name in ns.shapes:
         r = bench(name, ns.seq, ns.reps, ns.warmup)

@@ -108,7 +108,8 @@ def main(argv=None) -> int:
     step = resolve_step_dir(args.checkpoint, args.iteration)
     info = files.read_checkpoint_info(str(step))
     shape = info.model_args
-    layout = "  ".join(f"{k} {v}" for k, v in info.layout.items() if v is not None)
+    shown = ("tp", "pp", "dp", "zero_stage", "world_size", "precision")  # not the per-rank entries
+    layout = "  ".join(f"{k} {info.layout[k]}" for k in shown if info.layout.get(k) is not None)
     print(f"checkpoint  {step}")
     print(f"kind        {KIND_TEXT[info.kind]}")
     print(f"iteration   {info.iteration}")

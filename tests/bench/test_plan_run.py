@@ -1,0 +1,85 @@
+"""tools/plan_run.py: fields, consistency of the memory model, exact parameter counts."""
+import importlib.util
+import json
+import os
+import sys
+
+import pytest
+
+TOOLS = os.path.join(os.path.dirname(__file__), "..", "..", "tools")
+ROOT = os.path.join(TOOLS, "..")
+
+
+def _tool():
+    sys.path.insert(0, TOOLS)
+    spec = importlib.util.spec_from_file_location("plan_run", os.path.join(TOOLS, "plan_run.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _plan(model="70M", gpus=24, l2e=True, **overrides):
+    from megatron.config import NeoXArgs
+
+    configs = [os.path.join(ROOT, "configs", "pythia", f"{model}.yml")]
+    if l2e:
+        configs.append(os.path.join(ROOT, "configs", "l2e", model, "l2e.yml"))
+    base = {"train_batch_size": 1008, "train_micro_batch_size_per_gpu": 21, "gradient_accumulation_steps": 2}
+    if gpus != 24:
+        base = {"train_batch_size": None, "gradient_accumulation_steps": 1}
+    args = NeoXArgs.from_ymls(configs, overrides={**base, "train_iters": 14300, **overrides})
+    args.set_vocab_size(50277)
+    return _tool().plan(args, gpus, 80.0)
+
+
+@pytest.mark.parametrize("model,count", [("70M", 70_426_624), ("410M", 405_334_016), ("2-8B", 2_775_208_960)])
+def test_params_total_is_pythias_exact_count(model, count):
+    assert _plan(model)["params_total"] == count
+
+
+def test_fields_and_their_consistency():
+    p = _plan("410M")
+    m = p["memory_gib"]
+    for key in ("weights", "gradients", "optimizer", "activations", "l2e", "total",
+                "activations_with_checkpointing", "activations_without_checkpointing"):
+        assert m[key] >= 0, key
+    parts = ("weights", "gradients", "optimizer", "zero_buckets", "activations", "l2e", "overhead")
+    assert m["total"] == pytest.approx(sum(m[k] for k in parts), abs=0.01)
+    assert p["fits"] == (p["margin_gib"] >= 0) and p["margin_gib"] == pytest.approx(80.0 - m["total"], abs=0.01)
+    assert p["data_parallel_size"] == 24 and p["gradient_accumulation_steps"] == 2
+    assert p["tokens_per_step"] == 1008 * 2048
+    assert p["est_hours"] == pytest.approx(p["est_step_seconds"] * 14300 / 3600, rel=1e-2)
+    # 6 N T dominates the FLOPs; attention adds 12 L s h T
+    assert 6 * 405e6 * p["tokens_per_step"] < p["flops_per_step"] < 8 * 405e6 * p["tokens_per_step"]
+
+
+def test_zero1_optimizer_memory_halves_when_dp_doubles():
+    small, large = _plan("410M", gpus=8), _plan("410M", gpus=16)
+    assert large["data_parallel_size"] == 2 * small["data_parallel_size"]
+    assert large["memory_gib"]["optimizer"] == pytest.approx(small["memory_gib"]["optimizer"] / 2, rel=1e-3)
+    assert large["memory_gib"]["weights"] == small["memory_gib"]["weights"]
+
+
+def test_checkpointing_lowers_activations_and_l2e_adds_memory():
+    on = _plan("410M", checkpoint_activations=True)
+    off = _plan("410M", checkpoint_activations=False)
+    assert on["memory_gib"]["activations"] < off["memory_gib"]["activations"]
+    assert on["memory_gib"]["activations_without_checkpointing"] == off["memory_gib"]["activations"]
+    assert _plan("410M", l2e=False)["memory_gib"]["l2e"] == 0 < on["memory_gib"]["l2e"]
+
+
+def test_tensor_parallelism_splits_the_weights():
+    p1, p2 = _plan("2-8B"), _plan("2-8B", model_parallel_size=2, gradient_accumulation_steps=4)
+    assert p2["memory_gib"]["weights"] == pytest.approx(p1["memory_gib"]["weights"] / 2, rel=0.01)
+
+
+def test_cli_json_and_config_errors(capsys):
+    tool = _tool()
+    cfg = [os.path.join(ROOT, "configs", "pythia", "70M.yml")]
+    tool.main(cfg + ["--gpus", "32", "--gpu-memory-gib", "80", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["data_parallel_size"] == 32 and out["fits"] is True
+    with pytest.raises(SystemExit) as e:  # Pythia's 1024 sequences do not divide over 24 GPUs
+        tool.main(cfg + ["--gpus", "24", "--gpu-memory-gib", "80"])
+    assert e.value.code == 2
+    assert "train_batch_size=1024" in capsys.readouterr().err
