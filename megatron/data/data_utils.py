@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 
 import numpy as np
 import torch
@@ -194,7 +195,16 @@ def make_data_iterator(dataset, args, dp_rank: int, dp_size: int, start_iteratio
         return
     # Worker processes read ahead (2 micro-batches each); the sampler keeps the order.
     yield from torch.utils.data.DataLoader(micro_batch, sampler=order, batch_size=None,
-                                           num_workers=workers, pin_memory=torch.cuda.is_available())
+                                           num_workers=workers, pin_memory=torch.cuda.is_available(),
+                                           worker_init_fn=_leave_signals_to_the_rank)
+
+
+def _leave_signals_to_the_rank(worker_id: int) -> None:
+    """A preemption signal sent to the whole process group must reach the rank, which
+    saves a checkpoint, not kill its readers first (the rank would then die with a
+    DataLoader error instead of saving). Workers end with their rank either way."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):  # USR1: slurm's --signal
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _positions(position: int, per_micro_step: int, span: int):

@@ -180,8 +180,9 @@ def pretrain(args) -> dict:
     summary.announce(args, tokenizer.vocab_size, (train_ds, valid_ds, test_ds), logger)
     profiler = profiling.StepProfiler(args)
     guard = robustness.NonFiniteLossGuard(args)
-    if iteration:
-        guard.last_checkpoint = os.path.join(args.load, checkpointing.checkpoint_tag(iteration))
+    loaded = os.path.join(args.load or "", checkpointing.checkpoint_tag(iteration))
+    if iteration and os.path.isdir(loaded):  # not for an HF directory continued at step N
+        guard.last_checkpoint = loaded
     preemption = robustness.PreemptionHandler()
     losses, last_saved, start = [], None, iteration
 

@@ -142,11 +142,12 @@ def _cli(*override):
 
 @pytest.mark.slow
 def test_diverging_run_exits_nonzero_naming_the_kept_finite_checkpoint(tmp_path):
-    # l2e.loss_weight: .inf makes every gradient non-finite once L2E scores (step 2 on)
-    # while the lm loss stays finite: steps 2, 3, 4 are skipped, the third stops the run.
+    # l2e.loss_weight: 1e38 (finite: .inf itself is refused by the config) makes the
+    # gradient norm overflow once L2E scores (step 2 on) while the lm loss stays finite:
+    # steps 2, 3, 4 are skipped, the third stops the run.
     overrides = tiny_overrides(tmp_path, nan_tolerance=3, checkpoint_factor=1, keep_last_n_checkpoints=2,
                                train_iters=10, lr_decay_iters=10, log_interval=1)
-    flat = [f"{k}={json.dumps(v)}" for k, v in overrides.items() if k != "l2e"] + ["l2e.loss_weight=.inf"]
+    flat = [f"{k}={json.dumps(v)}" for k, v in overrides.items() if k != "l2e"] + ["l2e.loss_weight=1e38"]
     result = _cli(*flat)
     assert result.returncode == 2, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
