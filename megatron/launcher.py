@@ -184,6 +184,16 @@ def run_torchrun(script: str, argv: list[str], nproc: int) -> int:
         return proc.wait()
 
 
+# What a launcher gives each rank. Inherited from an enclosing job (or a process that
+# once ran a rank itself) they would make the launcher and torchrun look like ranks.
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK")
+
+
+def _forget_rank_environment() -> None:
+    for key in RANK_VARIABLES:
+        os.environ.pop(key, None)
+
+
 def main(argv=None) -> int:
     import torch
 
@@ -201,6 +211,7 @@ def main(argv=None) -> int:
 
         check_before_launch(args)
     log.info("launching %s on %d rank(s)", ns.script, args.world_size)
+    _forget_rank_environment()
     if on_gpus:
         from deepspeed.launcher import runner
 

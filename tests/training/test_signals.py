@@ -30,7 +30,10 @@ def test_sigterm_to_launcher_saves_on_every_rank_and_leaves_no_process(tmp_path)
                                checkpoint_factor=10**6, log_interval=1)
     cmd = [sys.executable, str(ROOT / "deepy.py"), str(ROOT / "train.py"), TINY,
            "--override", *(f"{k}={json.dumps(v)}" for k, v in overrides.items())]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", WANDB_MODE="disabled")
+    # Rank variables inherited from an enclosing job must not make the launcher or torchrun
+    # look like ranks (they would get the SIGTERM and end the run with an error).
+    env = dict(os.environ, PYTHONPATH=str(ROOT), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", WANDB_MODE="disabled",
+               RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     log = open(tmp_path / "launcher.log", "w")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
