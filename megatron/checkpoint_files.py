@@ -28,7 +28,7 @@ from megatron.errors import CheckpointError, UserError
 
 CHECKSUMS_FILE = "checksums.json"
 EXTRA_STATE_SUFFIX = "_extra_state.pt"
-MP_FILE = "mp_rank_{:02d}_model_states.pt"
+MP_FILE = "mp_rank_{tp:02d}_model_states.pt"
 # Written into the client state of every save of ours: what the checkpoint holds.
 SAVED_STATE_KEY = "neox_l2e_saved"
 # The model dimensions a checkpoint must share with the run that loads it.
@@ -233,8 +233,8 @@ ZERO3_PREFIX = "zero_pp_rank_0_"  # ZeRO-3 names the engine-state files per dp r
 def engine_state_file(ckpt_dir: str) -> str:
     """Rank 0's engine-state file (iteration, args, layout, and at pp=0 the weights):
     ``mp_rank_00_model_states.pt``, or ZeRO-3's ``zero_pp_rank_0_mp_rank_00_model_states.pt``."""
-    plain = os.path.join(ckpt_dir, MP_FILE.format(0))
-    zero3 = os.path.join(ckpt_dir, ZERO3_PREFIX + MP_FILE.format(0))
+    plain = os.path.join(ckpt_dir, MP_FILE.format(tp=0))
+    zero3 = os.path.join(ckpt_dir, ZERO3_PREFIX + MP_FILE.format(tp=0))
     return zero3 if not os.path.isfile(plain) and os.path.isfile(zero3) else plain
 
 

@@ -23,13 +23,12 @@ from pathlib import Path
 import torch
 import yaml
 
-from megatron.checkpoint_files import write_checksums
+from megatron.checkpoint_files import MP_FILE, write_checksums
 from megatron.errors import CheckpointError
 from megatron.model import GPTNeoX, ModelConfig
 from megatron.model.hf import read_hf_checkpoint
 
 LAYER_FILE = "layer_{idx:02d}-model_{tp:02d}-model_states.pt"
-MP_FILE = "mp_rank_{tp:02d}_model_states.pt"
 STEP_DIR = re.compile(r"global_step(\d+)$")
 
 # ----------------------------------------------------------------------------- layer numbering

@@ -42,7 +42,6 @@ from megatron.parallel.groups import build_topology
 
 log = logging.getLogger(__name__)
 
-LAYER_FILE = "layer_{:02d}-model_{:02d}-model_states.pt"
 _ZERO_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
 _EXTRA_FILE = re.compile(r"^rank_(\d+)_extra_state\.pt$")
 # What must match for DeepSpeed's own loader; anything else goes through this module.
