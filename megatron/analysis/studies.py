@@ -54,7 +54,7 @@ def probe(acts: Activations, top: int = 10, method: str = "threshold") -> dict:
             rows.append({"layer": layer, "neuron": int(acts.neurons(layer)[j]), "column": int(j),
                          "label": acts.label_names[int(f1[:, j].argmax())], "f1": float(f1[:, j].max())})
     rows.sort(key=lambda r: -r["f1"])
-    return {**_about(acts), "method": method, "top": rows[:top]}
+    return {**_about(acts), "method": method, "top": rows[:top], "top_f1": [r["f1"] for r in rows[:top]]}
 
 
 def ms_validation(acts: Activations, top: int = 10, random: int = 10, seed: int = 0,

@@ -1,7 +1,8 @@
-"""τ and the exact batch quantile per layer over training steps, read from metrics.jsonl.
+"""τ and the batch quantile per layer over training steps, read from metrics.jsonl.
 
-Training logs (l2e_spec.md §7) write one JSON object per log interval with
-``iteration`` and, per L2E layer i, ``l2e/tau/layer_i`` and ``l2e/batch_quantile/layer_i``.
+Training logs (docs/l2e.md §3) write one JSON object per log interval with
+``iteration`` and, per L2E layer i, ``l2e/tau/layer_i`` and ``l2e/batch_quantile/layer_i`` (the batch's top-ρ quantile, estimated
+from ``l2e.diagnostics_samples`` sampled pairs when a micro-batch has more).
 Paper Fig. 12 compares these between an L2E run and a monitor-only run.
 """
 from __future__ import annotations
@@ -39,3 +40,19 @@ def read_threshold_series(path) -> dict:
         raise DataError(f"{path}: no l2e/tau/layer_* or l2e/batch_quantile/layer_* keys; "
                         "was the run trained with l2e enabled (or inhibition: none to monitor)?")
     return series
+
+
+def aggregate_series(seeds: list[dict]) -> dict:
+    """Several seeds' ``read_threshold_series`` -> ``{"seeds": n, kind: {layer: [[iteration,
+    mean, sd], ...]}}`` over the iterations every seed logged (sd None for one seed)."""
+    from megatron.analysis.seeds import mean_sd
+
+    out = {"seeds": len(seeds)}
+    for kind in ("tau", "batch_quantile"):
+        layers = set.intersection(*(set(s[kind]) for s in seeds))
+        out[kind] = {}
+        for layer in sorted(layers, key=int):
+            by_step = [dict(map(tuple, s[kind][layer])) for s in seeds]
+            common = sorted(set.intersection(*(set(b) for b in by_step)))
+            out[kind][layer] = [[step, *mean_sd([b[step] for b in by_step])] for step in common]
+    return out

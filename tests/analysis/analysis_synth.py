@@ -16,7 +16,7 @@ def planted_layer(rng, neurons=40, planted=()):
     return z, labels
 
 
-def write_activation_folder(path, layers: dict, labels, name="model", dataset="synthetic"):
+def write_activation_folder(path, layers: dict, labels, name="model", dataset="synthetic", inhibited_layers=()):
     """The folder layout of megatron.analysis.collect (manifest + one .npy per layer)."""
     path.mkdir(parents=True, exist_ok=True)
     for layer, z in layers.items():
@@ -27,6 +27,7 @@ def write_activation_folder(path, layers: dict, labels, name="model", dataset="s
                 "layers": sorted(layers), "num_layers": max(layers) + 1,
                 "neurons": {str(l): list(range(z.shape[1])) for l, z in layers.items()},
                 "label_names": [f"label{i}" for i in range(NUM_LABELS)], "inputs": len(labels),
-                "rows": len(labels), "dropped_empty_inputs": 0, "max_tokens": 8, "seed": 0}
+                "rows": len(labels), "dropped_empty_inputs": 0, "max_tokens": 8, "seed": 0,
+                "inhibited_layers": list(inhibited_layers)}
     (path / "manifest.json").write_text(json.dumps(manifest))
     return path

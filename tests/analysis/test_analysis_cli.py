@@ -57,7 +57,8 @@ def test_threshold_curve(tmp_path):
     assert run("threshold_curve", "--runs", f"L2E={metrics}", metrics, "--out", tmp_path / "figs") == 0
     series = json.loads((tmp_path / "figs" / "threshold_curve.json").read_text())
     assert set(series) == {"L2E", "run"}  # unnamed runs are named after the run folder
-    assert series["L2E"]["tau"]["2"][-1] == [50, 12.0 / 50]
+    assert series["L2E"]["tau"]["2"][-1] == [50, 12.0 / 50, None]  # [iteration, mean, sd]: one seed, no sd
+    assert series["L2E"]["seeds"] == 1
     assert set(series["L2E"]["batch_quantile"]) == {"1"}
     assert (tmp_path / "figs" / "threshold_curve.png").is_file()
 
@@ -122,3 +123,4 @@ def test_collect_and_report_on_a_tiny_hf_model(tiny_hf_model, tmp_path):
     for figure in ("f/ms_validation.png", "f/fkr.png", "f/ms_layers.png", "f/probe.png", "ks_scale.png"):
         assert f"]({figure})" in page and (out / figure).is_file()
     assert '<img src="ks_scale.png"' in (out / "report.html").read_text()
+    assert "One seed per arm" in page and "No verdict table" in page and "Online vs offline" in page

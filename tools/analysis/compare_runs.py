@@ -29,26 +29,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import _common  # noqa: F401  (puts the repo on sys.path)
-import numpy as np
 import torch
 
 from megatron.analysis import collect_activations, ms_layers, read_features
 from megatron.analysis.collect import inhibited_layers, load_model_and_tokenizer
+from megatron.analysis.heldout import heldout_ms, running_statistics
+from megatron.analysis.heldout import heldout_windows as windows_of
 from megatron.analysis.plots import plot_compare
-from megatron.checkpoint_format import resolve_step_dir
-from megatron.data.data_utils import split_boundaries
-from megatron.data.indexed_dataset import MMapIndexedDataset
+from megatron.analysis.seeds import fmt_mean_sd, mean_sd
 from megatron.errors import UserError, cli_main
-from megatron.l2e.statistics import RunningMoments
 from megatron.launcher import free_port
-from megatron.training.checkpointing import extra_state_name
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "local" / "tiny.yml"
@@ -99,34 +95,9 @@ def train_all(out: Path, seeds, jobs: int, reuse: bool) -> dict:
     return walls
 
 
-def heldout_windows(args_seq: int = 128) -> torch.Tensor:
-    """Non-overlapping windows of the demo's validation split (chapters no run trains on)."""
-    data = MMapIndexedDataset(str(ROOT / "data" / "austen_bpe4k_text_document"))
-    _, start, stop, _ = split_boundaries("949,50,1", len(data))  # tiny.yml's split, as training does
-    tokens = np.concatenate([data.get(i) for i in range(start, stop)]).astype(np.int64)
-    count = len(tokens) // args_seq
-    return torch.from_numpy(tokens[:count * args_seq].reshape(count, args_seq))
-
-
-def block_outputs(model, tokens: torch.Tensor, batch: int = 32) -> dict[int, torch.Tensor]:
-    """Every block's output over ``tokens``: {layer: [n, S, H]} fp32."""
-    outs = {i: [] for i in range(len(model.blocks))}
-    hooks = [b.register_forward_hook(lambda m, x, z, i=i: outs[i].append(z.detach().float()))
-             for i, b in enumerate(model.blocks)]
-    try:
-        with torch.no_grad():
-            for start in range(0, len(tokens), batch):
-                model(tokens[start:start + batch])
-    finally:
-        for h in hooks:
-            h.remove()
-    return {i: torch.cat(z) for i, z in outs.items()}
-
-
-def top_quantile(phi: torch.Tensor) -> float:
-    flat = phi.flatten()
-    k = max(1, round(RATE * flat.numel()))
-    return float(flat.kthvalue(flat.numel() - k + 1).values)
+def heldout_windows() -> torch.Tensor:
+    """tiny.yml's validation split (chapters no run trains on) in 128-token windows."""
+    return windows_of(ROOT / "data" / "austen_bpe4k_text_document", "949,50,1", 128)
 
 
 def measure(d: Path, windows: torch.Tensor, genre) -> dict:
@@ -140,18 +111,9 @@ def measure(d: Path, windows: torch.Tensor, genre) -> dict:
         result["layers"][i] = {"tau": last[f"l2e/tau/layer_{i}"],
                                "batch_quantile": last[f"l2e/batch_quantile/layer_{i}"]}
 
-    step_dir = resolve_step_dir(d / "checkpoints")
-    running = torch.load(step_dir / extra_state_name(0), weights_only=True)["l2e"]["layers"]
     model, tokenizer = load_model_and_tokenizer(d / "checkpoints")
-    for i, z in block_outputs(model, windows).items():
-        row = result["layers"].setdefault(i, {})
-        fresh = ((z - z.mean(0)) ** 2 / z.var(0).clamp_min(1e-12))
-        row["heldout_fresh"] = top_quantile(fresh)
-        if i in running:
-            moments = RunningMoments(tuple(z.shape[1:]), eps=1e-12)
-            moments.load_state_dict(running[i])
-            moments.begin_step()
-            row["heldout_running"] = top_quantile((z - moments.mean) ** 2 / moments.var)
+    for i, row in heldout_ms(model, windows, running_statistics(d / "checkpoints"), RATE).items():
+        result["layers"].setdefault(i, {}).update(row)
     acts = collect_activations(model, tokenizer, genre, d / "activations_genre", name=d.name, dataset="genre",
                                inhibited_layers=inhibited_layers(d / "checkpoints"))
     for layer, value in ms_layers(acts)["mean_phi_star"].items():
@@ -161,9 +123,6 @@ def measure(d: Path, windows: torch.Tensor, genre) -> dict:
 
 def summarise(measured: dict) -> dict:
     """{variant: {"validation_loss": (mean, sd), "layers": {i: {key: (mean, sd)}}}} over seeds."""
-    def mean_sd(values):
-        return (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
-
     out = {}
     for variant in VARIANTS:
         runs = [r for name, r in measured.items() if name.rsplit(" ", 1)[0] == variant]
@@ -179,18 +138,17 @@ def summarise(measured: dict) -> dict:
 
 def markdown(summary: dict, seeds) -> list[str]:
     variants = list(summary)
-    fmt = lambda ms: f"{ms[0]:.3g} ± {ms[1]:.2g}"  # noqa: E731
     lines = [f"mean ± sd over seeds {', '.join(map(str, seeds))}; layers 1 and 2 are inhibited "
              f"(ρ = 2%); held-out = Austen validation-split chapters; φ* on genre.jsonl.", "",
              "| measure | layer | " + " | ".join(variants) + " |", "|---|---|" + "---|" * len(variants),
-             "| validation loss | | " + " | ".join(fmt(summary[v]["validation_loss"]) for v in variants) + " |"]
+             "| validation loss | | " + " | ".join(fmt_mean_sd(summary[v]["validation_loss"]) for v in variants) + " |"]
     layers = sorted(summary[variants[0]]["layers"])
     for key, label, inhibited_only in ROWS:
         for i in layers:
             cells = [summary[v]["layers"].get(i, {}).get(key) for v in variants]
             if all(c is None for c in cells):
                 continue
-            lines.append(f"| {label} | {i} | " + " | ".join(fmt(c) if c else "–" for c in cells) + " |")
+            lines.append(f"| {label} | {i} | " + " | ".join(fmt_mean_sd(c) if c else "–" for c in cells) + " |")
     return lines
 
 
@@ -219,7 +177,8 @@ def main(argv=None):
     (out / "compare.json").write_text(json.dumps({"runs": measured, "summary": summary, "walls": walls,
                                                   "held_out_windows": len(windows)}, indent=1))
     plot_compare(json.loads(json.dumps(summary)), out / "compare.png",
-                 note="L2E momentum = L2E with l2e.stats_momentum 0.99; held-out = Austen validation chapters")
+                 note="L2E momentum = L2E with l2e.stats_momentum 0.99; held-out = Austen validation chapters",
+                 inhibited_by=[v for v, extra in VARIANTS.items() if "l2e.inhibition=none" not in extra])
     print("\n".join(lines + ["", timing]))
     print(f"wrote {out / 'compare.md'}, compare.json and compare.png")
 
