@@ -14,7 +14,7 @@ export WANDB_MODE           ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 export PYTHONUNBUFFERED     := 1
 
-.PHONY: install demo demo-monitor demo-compare figures test test-fast bench gpu-check clean
+.PHONY: install demo demo-monitor demo-compare figures figures-compare test test-fast bench gpu-check clean
 
 $(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,13 +37,25 @@ demo-monitor: install
 demo-compare: install
 	DS_ACCELERATOR=cpu $(BIN)/python tools/analysis/compare_runs.py --out runs/compare --jobs 2
 
-# FKR curves, the Fig. 12 threshold curve and the other analyses of the two demo runs.
+# The report of the two demo runs (one seed each: it says so): verdict table, FKR curves,
+# the Fig. 12 threshold curve and the other analyses, with held-out Austen text.
 figures: install
 	$(BIN)/python tools/analysis/report.py \
-		--models tiny=runs/tiny/checkpoints tiny_monitor=runs/tiny_monitor/checkpoints \
+		--models L2E=runs/tiny/checkpoints monitor=runs/tiny_monitor/checkpoints \
 		--features data/features/languages.jsonl data/features/genre.jsonl \
 		--runs L2E=runs/tiny/logs/metrics.jsonl monitor=runs/tiny_monitor/logs/metrics.jsonl \
-		--out runs/tiny/report
+		--heldout data/austen_bpe4k_text_document --out runs/tiny/report
+
+# The same report over demo-compare's seeds (mean ± sd, a verdict against the seed spread).
+SEEDS  ?= 1234 1235 1236
+comma  := ,
+seeded  = $(subst $() ,$(comma),$(foreach s,$(SEEDS),runs/compare/runs/$(1)_$(s)/$(2)))
+figures-compare: install
+	$(BIN)/python tools/analysis/report.py \
+		--models L2E=$(call seeded,L2E,checkpoints) monitor=$(call seeded,monitor,checkpoints) \
+		--features data/features/languages.jsonl data/features/genre.jsonl \
+		--runs L2E=$(call seeded,L2E,logs/metrics.jsonl) monitor=$(call seeded,monitor,logs/metrics.jsonl) \
+		--heldout data/austen_bpe4k_text_document --out runs/compare/report
 
 test: install
 	DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 $(BIN)/python tools/warm_deepspeed.py
