@@ -128,3 +128,34 @@ def test_one_seed_says_so_and_summary_equals_the_figures(report, tmp_path):
 def test_arms_parse_commas_and_repeats(report):
     arms = report._common.parse_arms(["L2E=a,b", "L2E=c", "m=d", "some/path/e"], lambda p: Path(p).name)
     assert arms == {"L2E": ["a", "b", "c"], "m": ["d"], "e": ["some/path/e"]}
+
+
+def test_heldout_scores_fresh_and_running_statistics():
+    import torch
+
+    from megatron.analysis.heldout import heldout_ms
+    from megatron.model import GPTNeoX, ModelConfig
+
+    torch.manual_seed(0)
+    model = GPTNeoX(ModelConfig(vocab_size=64, hidden_size=16, num_layers=2, num_heads=2, rotary_pct=0.25)).eval()
+    windows = torch.randint(0, 64, (12, 6))
+    # running statistics of layer 1 centred at 0 with variance 4: phi = z^2 / 4
+    running = {1: {"n": 100, "weight": 100.0, "mean": torch.zeros(6, 16), "M2": torch.full((6, 16), 4.0 * 99)}}
+    scores = heldout_ms(model, windows, running, rate=0.1)
+    z = {}
+    hooks = [b.register_forward_hook(lambda m, x, out, i=i: z.__setitem__(i, out.detach().float()))
+             for i, b in enumerate(model.blocks)]
+    with torch.no_grad():
+        model(windows)
+    for h in hooks:
+        h.remove()
+
+    def kth_from_top(phi):  # the value with 10% of all values at or above it
+        flat = np.sort(phi.flatten().numpy())
+        return float(flat[len(flat) - round(0.1 * len(flat))])
+
+    z0 = z[0].numpy().astype(np.float64)
+    fresh = torch.from_numpy((z0 - z0.mean(0)) ** 2 / z0.var(0, ddof=1))
+    assert scores[0]["heldout_fresh"] == pytest.approx(kth_from_top(fresh), rel=1e-4)
+    assert scores[1]["heldout_running"] == pytest.approx(kth_from_top(z[1] ** 2 / 4), rel=1e-5)
+    assert "heldout_running" not in scores[0]

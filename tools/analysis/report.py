@@ -20,6 +20,7 @@ control), report.md opens with a verdict table; name the ``--runs`` arms like th
 """
 import argparse
 import html
+import json
 from pathlib import Path
 
 import _common
@@ -113,15 +114,17 @@ def verdict_table(pair, layers, counts: dict, datasets: dict, heldout: dict, run
     """The opening table: per measure, L2E vs control as mean ± sd, the direction, and
     whether the difference is beyond the seed spread; every value from the figures' data."""
     treated, control = pair
-    rows = []  # (measure, key, values per arm or None, where it comes from)
-    if set(pair) <= set(runs):
-        final = {a: [layer_mean({l: series["batch_quantile"][str(l)][-1][1] for l in map(str, layers)}, layers)
+    rows = []  # (measure, key in EXPECTED, {arm: value per seed} or None when not measured)
+    logged = set(pair) <= set(runs) and all(str(l) in series["batch_quantile"]
+                                            for a in pair for series in runs[a] for l in layers)
+    if logged:
+        final = {a: [layer_mean({str(l): series["batch_quantile"][str(l)][-1][1] for l in layers}, layers)
                      for series in runs[a]] for a in pair}
         rows.append(("online top-ρ MS, last logged training batch (sampled estimate)", "online", final))
     else:
         rows.append(("online top-ρ MS, last logged training batch", "online", None))
-    for key, label in (("heldout_running", "held-out top-ρ MS, the run's running statistics"),
-                       ("heldout_fresh", "held-out top-ρ MS, fresh statistics")):
+    for key, label in (("heldout_running", "held-out top-2% MS, the run's running statistics"),
+                       ("heldout_fresh", "held-out top-2% MS, fresh statistics")):
         values = None
         if heldout and all(all(key in seed[l] for l in layers for seed in heldout[a]) for a in pair):
             values = {a: [sum(seed[l][key] for l in layers) / len(layers) for seed in heldout[a]] for a in pair}
@@ -145,7 +148,7 @@ def verdict_table(pair, layers, counts: dict, datasets: dict, heldout: dict, run
     for label, key, values in rows:
         expected, why = EXPECTED[key]
         if values is None:
-            hint = "--runs named like --models" if key == "online" else "--heldout"
+            hint = "--runs named like --models, logging these layers" if key == "online" else "--heldout"
             lines.append(f"| {label} | go {expected} ({why}) | – | – | not measured (pass {hint}) | – |")
             continue
         v = verdict(expected, values[treated], values[control])
@@ -175,7 +178,7 @@ def summary(dataset, results) -> list[str]:
                     f"{fmt_mean_sd((v['mean_phi_l'], v['sd'].get('mean_phi_l')))} | "
                     f"{fmt_mean_sd((v['mean_phi_l_minus'], v['sd'].get('mean_phi_l_minus')))} | "
                     f"{fmt_mean_sd(phi_star)} | {fmt_mean_sd(fkr_2)} | "
-                    f"{fmt_mean_sd((f['fkr'][best], (f['sd'].get('fkr') or [None] * (best + 1))[best]))} "
+                    f"{fmt_mean_sd((f['fkr'][best], f['sd']['fkr'][best] if f['sd'].get('fkr') else None))} "
                     f"at {100 * f['best_rate']:g}% | {fmt_mean_sd(f1)} |")
     return rows + [""]
 
@@ -264,6 +267,7 @@ def main(argv=None):
             body += [f"### {title}", "", f"![{name}]({dataset}/{name}.png)", ""]
 
     ks = [r for dataset in results.values() for r in dataset["ks_scale"]]
+    (out / "ks_scale.json").write_text(json.dumps(ks, indent=1))
     plot_ks(ks, out / "ks_scale.png")
     body += ["## K-S statistic across models (Fig. 4)", "", "| dataset | model | K-S | largest p-value |",
              "|---|---|---|---|"]
