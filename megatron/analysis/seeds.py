@@ -46,8 +46,9 @@ def _combine(values):
 
 def aggregate(study: str, results: list[dict]) -> dict:
     """One arm's seeds -> one result: the first seed's metadata (``model`` is the arm's
-    name, as its seeds were collected under it), ``seeds`` = how many, each of ``STUDY_KEYS[study]`` as the mean over seeds with its sd
-    in ``result["sd"]``, and every seed's own result under ``per_seed``."""
+    name, as its seeds were collected under it), ``seeds`` = how many, each of
+    ``STUDY_KEYS[study]`` as the mean over seeds with its sd in ``result["sd"]``, and
+    (with several seeds) every seed's own result under ``per_seed``."""
     out = {**results[0], "seeds": len(results), "sd": {}}
     for key in STUDY_KEYS.get(study, ()):
         out[key], out["sd"][key] = _combine([r[key] for r in results])

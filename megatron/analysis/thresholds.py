@@ -1,8 +1,9 @@
 """τ and the batch quantile per layer over training steps, read from metrics.jsonl.
 
 Training logs (docs/l2e.md §3) write one JSON object per log interval with
-``iteration`` and, per L2E layer i, ``l2e/tau/layer_i`` and ``l2e/batch_quantile/layer_i`` (the batch's top-ρ quantile, estimated
-from ``l2e.diagnostics_samples`` sampled pairs when a micro-batch has more).
+``iteration`` and, per L2E layer i, ``l2e/tau/layer_i`` and ``l2e/batch_quantile/layer_i``
+(the batch's top-ρ quantile, estimated from ``l2e.diagnostics_samples`` sampled pairs
+when a micro-batch has more).
 Paper Fig. 12 compares these between an L2E run and a monitor-only run.
 """
 from __future__ import annotations
