@@ -69,8 +69,8 @@ def _mark_layers(ax, layers, inhibited, owners=(), positions=None) -> None:
     for x, l in zip(positions, layers):
         if l in inhibited:
             ax.axvspan(x - 0.5, x + 0.5, color="0.9", zorder=0)
-    whose = f" in {', '.join(map(str, owners))}" if owners else ""
-    ax.set_xlabel("layer" + (f"  (grey: inhibited by L2E{whose} in training)" if inhibited else ""))
+    whose = f"while training {', '.join(map(str, owners))}" if owners else "by L2E in training"
+    ax.set_xlabel("layer" + (f"  (grey: layers inhibited {whose})" if inhibited else ""))
 
 
 def _y_scale(ax, values) -> None:

@@ -121,7 +121,7 @@ def test_one_seed_says_so_and_summary_equals_the_figures(report, tmp_path):
     from megatron.analysis import plots
     fig, ax = plt.subplots()
     plots._mark_layers(ax, [0, 1, 2], *plots._inhibited(layers))
-    assert "inhibited by L2E in L2E" in ax.get_xlabel()
+    assert "grey: layers inhibited while training L2E)" in ax.get_xlabel()
     plt.close(fig)
 
 

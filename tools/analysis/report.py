@@ -21,6 +21,7 @@ control), report.md opens with a verdict table; name the ``--runs`` arms like th
 import argparse
 import html
 import json
+import math
 from pathlib import Path
 
 import _common
@@ -50,7 +51,7 @@ EXPECTED = {
     "phi_star": ("down", "a less monosemantic neuron has a lower mean MS on its most related feature"),
     "ks": ("down", "MS on inputs of a neuron's feature ℓ* less distinct from MS on all inputs"),
     "fkr": ("up", "fewer high-MS events fall on their neuron's feature once monosemantic responses are "
-                  "inhibited (our inference: the paper reports FKR for Pythia only)"),
+                  "inhibited; our inference, the paper reports FKR for Pythia only"),
 }
 
 CAVEAT = ("**Online vs offline.** Training scores φ against *running* statistics accumulated since "
@@ -156,7 +157,8 @@ def verdict_table(pair, layers, counts: dict, datasets: dict, heldout: dict, run
         if v["beyond_spread"] is None:
             spread = "cannot tell (one seed)"
         else:
-            spread = f"{'yes' if v['beyond_spread'] else 'no'} ({v['delta_in_sds']:.1f} sd)"
+            size = "the seeds agree exactly" if math.isinf(v["delta_in_sds"]) else f"{v['delta_in_sds']:.1f} sd"
+            spread = f"{'yes' if v['beyond_spread'] else 'no'} ({size})"
         lines.append(f"| {label} | go {expected} ({why}) | {fmt_mean_sd(v['treated'])} | "
                      f"{fmt_mean_sd(v['control'])} | {moved} | {spread} |")
     return lines + ["", CAVEAT, ""]
