@@ -3,6 +3,8 @@
 - every relative link of README.md and docs/*.md resolves (file, and #anchor to a heading);
 - no doc points outside the repository;
 - the layer indices the docs quote equal ``L2EConfig.resolve_layers``;
+- a make target the docs spell out ("`make demo` is `...`", "`make figures` runs" and a code
+  block) is the Makefile's recipe;
 - every ``error: ...`` line quoted in a code block is what the code prints for the stated
   input: the ``$ command`` on the line above it is run, or the line has a producer in
   ``ERROR_PRODUCERS`` below (a new quoted error without either fails: add one).
@@ -125,6 +127,27 @@ def test_layers_quoted_in_prose_and_plans_match_the_code():
                     assert quoted_layers(quoted[1]) == expected, f"{page.name}: === {size}: {line}"
                     checked += 1
     assert checked >= 3  # docs/l2e.md §1 names the mid2 layers of all three sizes
+
+
+def make_recipe(target: str) -> str:
+    """The Makefile's command for ``target`` (continuations joined, ``$(BIN)/`` dropped)."""
+    text = (REPO / "Makefile").read_text().replace("\\\n", " ")
+    recipe = re.search(rf"^{re.escape(target)}:.*\n((?:\t.*\n)+)", text, flags=re.M)[1]
+    return " ".join(recipe.replace("$(BIN)/", "").split())
+
+
+def test_make_targets_quoted_in_docs_are_the_makefiles():
+    checked = 0
+    for page in PAGES:
+        text = page.read_text()
+        for target, command in re.findall(r"`make ([\w-]+)` is `([^`]+)`", text):
+            assert " ".join(command.split()) == make_recipe(target), f"{page.name}: make {target}"
+            checked += 1
+        for target, block in re.findall(r"`make ([\w-]+)` runs\n\n((?:    .*\n)+)", text):
+            quoted = " ".join(block.replace("\\\n", " ").split())
+            assert quoted == make_recipe(target), f"{page.name}: make {target} quotes {quoted!r}"
+            checked += 1
+    assert checked >= 2  # README's `make demo`, analysis.md's `make figures`
 
 
 # --- quoted error lines ---------------------------------------------------------------
