@@ -124,3 +124,4 @@ def test_collect_and_report_on_a_tiny_hf_model(tiny_hf_model, tmp_path):
         assert f"]({figure})" in page and (out / figure).is_file()
     assert '<img src="ks_scale.png"' in (out / "report.html").read_text()
     assert "One seed per arm" in page and "No verdict table" in page and "Online vs offline" in page
+    assert "<b>One seed per arm</b>" in (out / "report.html").read_text()

@@ -22,6 +22,7 @@ import argparse
 import html
 import json
 import math
+import re
 from pathlib import Path
 
 import _common
@@ -219,7 +220,7 @@ def write_pages(lines: list[str], out: Path) -> None:
             level = len(line) - len(line.lstrip("#"))
             body.append(f"<h{level}>{html.escape(line[level:].strip())}</h{level}>")
         elif line:
-            body.append(f"<p>{html.escape(line)}</p>")
+            body.append("<p>" + re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", html.escape(line)) + "</p>")
     (out / "report.html").write_text("<!doctype html><meta charset=utf-8><title>neox-l2e analysis</title>\n"
                                      + "\n".join(body) + "\n")
 
