@@ -118,6 +118,23 @@ def test_summary_block_has_the_right_numbers(tiny_run):
 
 
 @pytest.mark.slow  # shares one ~15 s training run (the tiny_run fixture)
+def test_start_says_scratch_and_the_end_summary_says_what_the_run_did(tiny_run):
+    console = tiny_run.console
+    assert "starting from scratch: no 'load' is set; fresh weights at step 0" in console
+    block = console.split("run finished", 1)[1].split("\n", 1)[1].rsplit("\n---", 1)[0]
+    closing = yaml.safe_load(block)
+    assert closing["steps"] == {"from": 0, "to": 2, "this_run": 2, "of": 2}
+    assert closing["tokens_this_run"] == 2 * 4 * 32
+    rows = [json.loads(line) for line in (tiny_run.path / "logs" / "metrics.jsonl").read_text().splitlines()]
+    last_train = [r for r in rows if "train/lm_loss" in r][-1]
+    assert closing["final_train_lm_loss"] == {"iteration": 2, "value": round(last_train["train/lm_loss"], 6)}
+    assert closing["final_valid_lm_loss"] is None  # eval_interval 0
+    assert closing["checkpoint"] == str(tiny_run.path / "ckpt" / "global_step2")
+    assert closing["metrics"] == str(tiny_run.path / "logs" / "metrics.jsonl")
+    assert set(closing["time"]) == {"wall", "training_steps", "save"}  # no load: nothing was loaded
+
+
+@pytest.mark.slow  # shares one ~15 s training run (the tiny_run fixture)
 def test_metrics_rows_have_timestamp_consumed_samples_and_timers(tiny_run):
     rows = [json.loads(line) for line in (tiny_run.path / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows] == [1, 2]
