@@ -478,6 +478,8 @@ def _continue_from_weights(args, engine, groups, l2e, info, iteration: int) -> i
     """Weights only (a converter's output, or ``finetune``), continued at ``iteration``."""
     weights.load_checkpoint_weights(args, engine, groups, info)
     _start_schedule(args, engine, iteration)
+    if getattr(args, "evaluating", False):  # eval.py names what it evaluates; no schedule to report
+        return iteration
     return _report(Restored(source=info.path, iteration=iteration, samples=iteration * engine.train_batch_size(),
                             weights="✓ (finetune: weights only)" if args.finetune else "✓",
                             schedule_at=_schedule_position(engine, iteration), l2e=_new_l2e_state(l2e)))
