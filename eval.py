@@ -104,6 +104,9 @@ def build_logits_fn(neox_args, checkpoint: Path, iteration, tokenizer):
 
 @cli_main
 def main(argv=None):
+    from megatron.console import route_console_output
+
+    route_console_output()
     cli = parse_cli(sys.argv[1:] if argv is None else argv)
     neox_args = load_neox_args(cli)
     path = cli.checkpoint or (neox_args.load if neox_args is not None else None)

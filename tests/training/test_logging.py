@@ -256,3 +256,23 @@ def test_wandb_resume_continues_the_checkpoints_run(tmp_path, monkeypatch):
     assert (kwargs["id"], kwargs["resume"], kwargs["group"]) == ("fresh-run-id", "allow", "seeds")
     args.save = str(tmp_path / "ckpt")
     assert closing_summary(args, resumed, 10, 10, 1.0, None)["wandb_run_id"] == "fresh-run-id"
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_other_ranks_print_only_their_own_problems(rank, capsys):
+    import logging
+
+    from megatron.console import THIS_RANK, route_console_output
+
+    handler = route_console_output(rank)
+    log = logging.getLogger("megatron.test_console")
+    try:
+        log.warning("accepted, no effect here: shared config warning")
+        log.warning("this rank's own disk is short", extra=THIS_RANK)
+        log.error("this rank failed")
+    finally:
+        logging.getLogger().removeHandler(handler)
+    err = capsys.readouterr().err
+    prefix = "" if rank == 0 else "[rank 1] "
+    assert ("shared config warning" in err) == (rank == 0)
+    assert f"{prefix}this rank's own disk is short" in err and f"{prefix}this rank failed" in err
