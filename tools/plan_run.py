@@ -224,6 +224,18 @@ def _plan_layout(args, vocab_size: int, gpus: int, tp: int, pp: int, batch: int,
     return chosen
 
 
+def _nearest_per_rank(start: int, micro_batch: int, direction: int) -> int:
+    """The first per-rank batch from ``start`` in ``direction`` that splits into micro-batches
+    of at least half ``micro_batch`` (a prime per-rank batch would force micro-batch 1);
+    0 when none is left below."""
+    per_rank = start
+    while per_rank > 0:
+        if per_rank <= micro_batch or any(per_rank % m == 0 for m in range(micro_batch, (micro_batch + 1) // 2 - 1, -1)):
+            return per_rank
+        per_rank += direction
+    return 0
+
+
 def propose(args, vocab_size: int, gpus: int, **settings) -> dict:
     """The layouts of ``gpus`` GPUs that keep the configured global batch, best first, and
     the nearest batch sizes the configured tp x pp layout takes."""
@@ -243,7 +255,9 @@ def propose(args, vocab_size: int, gpus: int, **settings) -> dict:
     if gpus % (tp * pp):
         tp = pp = 1
     dp = gpus // (tp * pp)
-    nearest = sorted({max(batch // dp, 1) * dp, -(-batch // dp) * dp} - {batch})
+    configured = args._batch_given.get("train_micro_batch_size_per_gpu") or batch // dp or 1
+    nearest = sorted({dp * _nearest_per_rank(batch // dp, configured, -1),
+                      dp * _nearest_per_rank(-(-batch // dp), configured, +1)} - {batch, 0})
     return {"train_batch_size": batch, "gpus": gpus, "layouts": layouts,
             "nearest_batches": [_plan_layout(args, vocab_size, gpus, tp, pp, b, settings) for b in nearest]}
 
