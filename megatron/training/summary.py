@@ -134,8 +134,10 @@ def closing_summary(args, logger, start_iteration: int, iteration: int, wall_sec
     return {
         "steps": {"from": start_iteration, "to": iteration, "this_run": steps, "of": args.train_iters},
         "tokens_this_run": steps * args.train_batch_size * args.seq_length,
-        "time": {"wall": format_duration(wall_seconds), "training_steps": format_duration(logger.training_seconds),
-                 **{kind: format_duration(t) for kind, t in sorted(logger.outside_totals.items())}},
+        "wall_time": format_duration(wall_seconds),
+        # the rest of the wall time is startup: building the model, the data, DeepSpeed
+        "seconds": {"wall": round(wall_seconds, 1), "training_steps": round(logger.training_seconds, 1),
+                    **{kind: round(t, 1) for kind, t in sorted(logger.outside_totals.items())}},
         "final_train_lm_loss": loss("train/lm_loss"),
         "final_valid_lm_loss": loss("validation/lm_loss"),
         "checkpoint": os.path.abspath(last_checkpoint) if last_checkpoint else "none saved (no 'save')",

@@ -131,7 +131,9 @@ def test_start_says_scratch_and_the_end_summary_says_what_the_run_did(tiny_run):
     assert closing["final_valid_lm_loss"] is None  # eval_interval 0
     assert closing["checkpoint"] == str(tiny_run.path / "ckpt" / "global_step2")
     assert closing["metrics"] == str(tiny_run.path / "logs" / "metrics.jsonl")
-    assert set(closing["time"]) == {"wall", "training_steps", "save"}  # no load: nothing was loaded
+    seconds = closing["seconds"]
+    assert set(seconds) == {"wall", "training_steps", "save"}  # no load: nothing was loaded
+    assert 0 < seconds["training_steps"] + seconds["save"] <= seconds["wall"]
 
 
 @pytest.mark.slow  # shares one ~15 s training run (the tiny_run fixture)
