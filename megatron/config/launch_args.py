@@ -91,7 +91,9 @@ def encode(args) -> str:
 
 
 def decode(b64: str):
-    from megatron.config.neox_args import NeoXArgs
+    from megatron.config.neox_args import NeoXArgs, no_op_keys_already_named
+
+    no_op_keys_already_named()
 
     try:
         payload = json.loads(base64.urlsafe_b64decode(b64.encode()).decode())

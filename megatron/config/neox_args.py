@@ -41,6 +41,12 @@ _noted_batches: set = set()
 PYTHIA_TRAIN_BATCH = 1024  # sequences per step of every Pythia model (2,097,152 tokens)
 
 
+def no_op_keys_already_named() -> None:
+    """A rank launched by deepy.py: the launcher loaded the same config and named its
+    no-op keys (and the rank's run summary lists them): do not warn again."""
+    _warned_no_ops.update(NO_EFFECT_KEYS, compat.NEOX_RUNTIME_KEYS)
+
+
 def _set_nested(mapping, path: list[str], value, key: str):
     """A copy of ``mapping`` (a config block such as ``l2e``) with ``path`` set to ``value``,
     for dotted overrides like ``l2e.inhibition=none``; other keys of the block are kept."""
