@@ -41,12 +41,6 @@ _noted_batches: set = set()
 PYTHIA_TRAIN_BATCH = 1024  # sequences per step of every Pythia model (2,097,152 tokens)
 
 
-def no_op_keys_already_named() -> None:
-    """A rank launched by deepy.py: the launcher loaded the same config and named its
-    no-op keys (and the rank's run summary lists them): do not warn again."""
-    _warned_no_ops.update(NO_EFFECT_KEYS, compat.NEOX_RUNTIME_KEYS)
-
-
 def _set_nested(mapping, path: list[str], value, key: str):
     """A copy of ``mapping`` (a config block such as ``l2e``) with ``path`` set to ``value``,
     for dotted overrides like ``l2e.inhibition=none``; other keys of the block are kept."""
@@ -108,15 +102,16 @@ class NeoXArgs(ModelArgs, ParallelArgs, OptimizerArgs, TrainingArgs, DataArgs,
         return args
 
     @classmethod
-    def from_dict(cls, d: dict, config_files: dict | None = None) -> "NeoXArgs":
-        """Inverse of :meth:`to_dict`; ``config_files`` may also sit inside ``d``."""
+    def from_dict(cls, d: dict, config_files: dict | None = None, announce: bool = True) -> "NeoXArgs":
+        """Inverse of :meth:`to_dict`; ``config_files`` may also sit inside ``d``.
+        ``announce=False``: no warnings about no-op keys (someone gave them already)."""
         d = {normalize_key(k): v for k, v in d.items()}
         embedded = d.pop("config_files", None)
         files = config_files if config_files is not None else embedded
-        return cls._build(d, {k: "config dict" for k in d}, files or {})
+        return cls._build(d, {k: "config dict" for k in d}, files or {}, announce)
 
     @classmethod
-    def _build(cls, values: dict, sources: dict, texts: dict) -> "NeoXArgs":
+    def _build(cls, values: dict, sources: dict, texts: dict, announce: bool = True) -> "NeoXArgs":
         fields = {f.name: f for f in dataclasses.fields(cls)}
         hints = typing.get_type_hints(cls)
         checks.check_computed_keys({k: sources[k] for k in values if values[k] is not None})
@@ -141,11 +136,8 @@ class NeoXArgs(ModelArgs, ParallelArgs, OptimizerArgs, TrainingArgs, DataArgs,
         args.config_files = dict(texts)
         args._sources = dict(sources)
         args._batch_given = {k: kwargs[k] for k in BATCH_KEYS if kwargs.get(k) is not None}
-        args._warn_no_ops()
-        for key in sorted(set(values) & compat.NEOX_RUNTIME_KEYS - _warned_no_ops):
-            _warned_no_ops.add(key)
-            log.warning("accepted, no effect here: %s (GPT-NeoX computes it at run time and "
-                        "writes it into its argument dumps)", key)
+        if announce:
+            args._warn_no_ops(set(values) & compat.NEOX_RUNTIME_KEYS)
         args._derive()
         return args
 
@@ -166,8 +158,11 @@ class NeoXArgs(ModelArgs, ParallelArgs, OptimizerArgs, TrainingArgs, DataArgs,
                 out.append((key, why))
         return out
 
-    def _warn_no_ops(self) -> None:
-        for key, why in self.no_effect_keys():
+    def _warn_no_ops(self, runtime_keys=()) -> None:
+        """Once per process and key."""
+        runtime = [(key, "GPT-NeoX computes it at run time and writes it into its argument dumps")
+                   for key in sorted(runtime_keys)]
+        for key, why in self.no_effect_keys() + runtime:
             if key not in _warned_no_ops:
                 _warned_no_ops.add(key)
                 log.warning("accepted, no effect here: %s (%s)", key, why)
@@ -353,7 +348,7 @@ class NeoXArgs(ModelArgs, ParallelArgs, OptimizerArgs, TrainingArgs, DataArgs,
         note = (f"{source}: training with a global batch of {self.train_batch_size} sequences (micro-batch "
                 f"{mbs} x accumulation {gas} x data-parallel {dp}), not Pythia's {PYTHIA_TRAIN_BATCH}; "
                 f"to keep Pythia's, {keep}")
-        if note not in _noted_batches:  # the launcher's and the rank's configure_world agree
+        if note not in _noted_batches:
             _noted_batches.add(note)
             log.warning(note)
 
