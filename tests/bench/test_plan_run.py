@@ -1,5 +1,6 @@
 """tools/plan_run.py: fields, consistency of the memory model, exact parameter counts."""
 import importlib.util
+import itertools
 import json
 import os
 import sys
@@ -92,12 +93,14 @@ def test_pipeline_bubble_lengthens_the_step():
     assert piped["est_step_seconds"] == pytest.approx(flat["est_step_seconds"] * piped["pipeline_bubble"], rel=1e-3)
 
 
-def test_batch_that_does_not_divide_gets_layouts_that_keep_it(capsys):
+def test_batch_that_does_not_divide_gets_layouts_that_keep_it(capsys, monkeypatch):
     """The README's example: 2.8B's 1,024 sequences on 24 GPUs. Every proposal keeps the
     batch, is planned by the same model as a plain plan, and pp 3 x dp 8 comes first."""
     tool = _tool()
-    cfg = [os.path.join(ROOT, "configs", "pythia", "2-8B.yml"), os.path.join(ROOT, "configs", "l2e", "2-8B", "l2e.yml")]
-    tool.main(cfg + ["--gpus", "24", "--gpu-memory-gib", "80", "--json", "--override", "train_iters=14300"])
+    monkeypatch.chdir(ROOT)  # the config paths in the messages as the docs quote them
+    cfg = ["configs/pythia/2-8B.yml", "configs/l2e/2-8B/l2e.yml"]
+    overrides = ["--override", "train_iters=14300", "lr_decay_iters=14300"]  # docs/l2e.md §8's command
+    tool.main(cfg + ["--gpus", "24", "--gpu-memory-gib", "80", "--json", *overrides])
     out = json.loads(capsys.readouterr().out)
     assert "not divisible" in out["problem"] and out["train_batch_size"] == 1024
     layouts = out["layouts"]
@@ -120,6 +123,12 @@ def test_batch_that_does_not_divide_gets_layouts_that_keep_it(capsys):
     nearest = {p["train_batch_size"]: p for p in out["nearest_batches"]}
     assert sorted(nearest) == [1008, 1056]
     assert all(p["data_parallel_size"] == 24 and p["train_micro_batch_size_per_gpu"] >= 8 for p in nearest.values())
-    tool.main(cfg + ["--gpus", "24", "--gpu-memory-gib", "80"])  # the table form exits 0 too
-    text = capsys.readouterr().out
-    assert "tp 1  x pp 3  x dp 8" in text and "pipe_parallel_size=3" in text
+    tool.main(cfg + ["--gpus", "24", "--gpu-memory-gib", "80", *overrides])  # the table form exits 0 too
+    printed = capsys.readouterr().out.splitlines()
+    assert "pipe_parallel_size=3" in printed[-1]
+    # docs/l2e.md §8 quotes this output (rows left out as "..."): every quoted line is printed
+    doc = open(os.path.join(ROOT, "docs", "l2e.md")).read().split("$ python tools/plan_run.py configs/pythia/2-8B.yml")[1]
+    block = itertools.takewhile(lambda line: not line or line.startswith("    "), doc.split("\n")[2:])
+    quoted = [line.strip() for line in block if line.strip() not in ("", "...")]
+    assert len(quoted) >= 6
+    assert [line for line in quoted if line not in {p.strip() for p in printed}] == []
