@@ -54,11 +54,11 @@ def config_summary(args, batch: tuple[tuple[int, int, int], str] | None) -> str:
         return "no configs/*.yml (shape from the mp_rank args summary)"
     if batch is None:
         batch = ((args.train_batch_size, args.train_micro_batch_size_per_gpu, args.gradient_accumulation_steps),
-                 "no record: derived from configs/ for one data-parallel rank")
+                 "no record: re-derived from configs/, which may not be the run's world")
     (global_batch, micro, accumulation), source = batch
     return (f"train_iters {args.train_iters}, global batch {global_batch} (micro {micro} x accumulation "
-            f"{accumulation}; {source}), seq {args.seq_length}, lr {args.lr} {args.lr_decay_style} (warmup {args.warmup}, min {args.min_lr}), "
-            f"precision {args.precision}, tokenizer {args.tokenizer_type} {args.vocab_file or ''}".rstrip()
+            f"{accumulation}; {source}), seq {args.seq_length}, lr {args.lr} {args.lr_decay_style} "
+            f"(warmup {args.warmup}, min {args.min_lr}), precision {args.precision}, tokenizer {args.tokenizer_type} {args.vocab_file or ''}".rstrip()
             + f", l2e {'on' if args.l2e.enabled else 'off'}")
 
 
