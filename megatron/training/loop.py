@@ -184,7 +184,7 @@ def pretrain(args) -> dict:
     resumed_from = loaded if iteration and os.path.isdir(loaded) else None  # not an HF directory
     logger = logging.MetricsLogger(args, groups, engine=trainer.engine, start_iteration=iteration,
                                    checkpoint_dir=resumed_from)
-    if args.load:
+    if iteration or (args.load and args.finetune):  # something was loaded, not a fresh start
         logger.add_outside_training("load", load_seconds, before_logging=True)
     summary.announce(args, tokenizer.vocab_size, (train_ds, valid_ds, test_ds), logger)
     profiler = profiling.StepProfiler(args)
