@@ -9,7 +9,9 @@ The checkpoint is ``--checkpoint`` or the config's ``load``; the tokenizer is
 ``--tokenizer``, else the config's, else the ``tokenizer.json`` inside an HF directory,
 else the one named by the checkpoint's saved config. Results go to ``--output``, else
 ``eval_results/<run>_iter<N>_<tasks>.json`` (N read from the checkpoint; an existing
-file is never replaced). Hub tasks need their datasets cached for offline use:
+file is never replaced). ``--limit N`` scores only the first N documents of each task:
+the default name ends in ``-limitN``, the JSON says so (``limit``, ``warning``) and the
+console warns, so a quick check cannot pass for a full evaluation. Hub tasks need their datasets cached for offline use:
 docs/eval.md.
 
 One process evaluates the whole model (``megatron.load_model``). Launched on several
@@ -102,6 +104,9 @@ def build_logits_fn(neox_args, checkpoint: Path, iteration, tokenizer):
 
 @cli_main
 def main(argv=None):
+    from megatron.console import route_console_output
+
+    route_console_output()
     cli = parse_cli(sys.argv[1:] if argv is None else argv)
     neox_args = load_neox_args(cli)
     path = cli.checkpoint or (neox_args.load if neox_args is not None else None)
@@ -125,6 +130,13 @@ def main(argv=None):
 
     tokenizer = pick_tokenizer(neox_args, checkpoint, cli.iteration, cli.tokenizer)
     iteration = checkpoint_iteration(checkpoint, cli.iteration)
+    limited = limit_warning(cli.limit)
+    if os.environ.get("RANK", "0") == "0":
+        step = f" at step {iteration}" if iteration is not None else ""
+        print(f"eval: evaluating {checkpoint}{step} on {', '.join(tasks) or 'no tasks'}, "
+              f"{num_fewshot}-shot" + (f", first {cli.limit} documents per task" if cli.limit else ""), flush=True)
+        if limited:
+            print(f"eval: warning: {limited}", file=sys.stderr, flush=True)
     logits_fn, max_length, writer = build_logits_fn(neox_args, checkpoint, cli.iteration, tokenizer)
     start = time.time()
     # Every rank scores every request (the logits function is collective); rank 0 writes.
@@ -136,8 +148,11 @@ def main(argv=None):
     out.update(checkpoint=str(checkpoint), iteration=iteration, num_fewshot=num_fewshot,
                limit=cli.limit, bootstrap_iters=cli.bootstrap_iters,
                seconds=round(time.time() - start, 2))
+    if limited:
+        out["warning"] = limited
     prefix = getattr(neox_args, "eval_results_prefix", "") or ""
-    target = unused_path(Path(cli.output)) if cli.output else results_path(checkpoint, iteration, tasks, prefix)
+    target = (unused_path(Path(cli.output)) if cli.output
+              else results_path(checkpoint, iteration, tasks, prefix, limit=cli.limit))
     if cli.output and str(target) != cli.output:
         print(f"eval: {cli.output} exists; keeping it", file=sys.stderr)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -148,7 +163,14 @@ def main(argv=None):
         shown = ", ".join(_with_stderr(k, v, metrics) for k, v in metrics.items()
                           if isinstance(v, float) and "stderr" not in k)
         print(f"{task}: {shown}")
-    print(f"results written to {target}")
+    print(f"results written to {target}" + (f" (LIMITED: first {cli.limit} documents per task)" if limited else ""))
+
+
+def limit_warning(limit: int | None) -> str | None:
+    if limit is None:
+        return None
+    return (f"--limit {limit}: only the first {limit} documents of each task are scored; the scores "
+            f"are not comparable with a full evaluation")
 
 
 def _with_stderr(key: str, value: float, metrics: dict) -> str:

@@ -7,7 +7,10 @@ from megatron.errors import cli_main
 @cli_main
 def main(argv=None):
     from megatron.config import NeoXArgs
+    from megatron.console import route_console_output
     from megatron.training import pretrain
+
+    route_console_output()  # config warnings once (rank 0), before the config is read
 
     pretrain(NeoXArgs.consume_launch_args(sys.argv[1:] if argv is None else argv))
 

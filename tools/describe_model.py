@@ -16,16 +16,33 @@ from megatron.errors import cli_main  # noqa: E402
 NEOX_20B_VOCAB = 50277  # ids of the GPT-NeoX-20B tokenizer every Pythia model uses
 
 
+SHIPPED_20B_TOKENIZER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                     "data", "tokenizers", "20B_tokenizer.json")
+
+
+def _uses_shipped_20b_tokenizer(args) -> bool:
+    """Pythia's configs name no tokenizer, or the 20B one at GPT-NeoX's cluster path
+    (/fsx/...): the repository's copy is the same file."""
+    given = args.vocab_file
+    named_20b = given is None or os.path.basename(given) == os.path.basename(SHIPPED_20B_TOKENIZER)
+    return named_20b and os.path.isfile(SHIPPED_20B_TOKENIZER)
+
+
 def vocab_size_of(args, override):
-    """Tokenizer ids: --vocab-size, else the config's tokenizer, else NeoX-20B's 50,277."""
+    """Tokenizer ids: --vocab-size, else the config's tokenizer (the shipped 20B tokenizer
+    when the config names none), else NeoX-20B's 50,277 with a warning."""
     if override is not None:
         return override
     if args.vocab_file and os.path.isfile(args.vocab_file):
         from megatron.tokenizer import build_tokenizer
 
         return build_tokenizer(args).vocab_size
-    print(f"describe_model: no readable vocab_file in the config; assuming the GPT-NeoX-20B "
-          f"tokenizer's {NEOX_20B_VOCAB} ids (use --vocab-size to change)", file=sys.stderr)
+    if _uses_shipped_20b_tokenizer(args):
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_file(SHIPPED_20B_TOKENIZER).get_vocab_size()
+    print(f"describe_model: vocab_file {args.vocab_file} is not readable; assuming the "
+          f"GPT-NeoX-20B tokenizer's {NEOX_20B_VOCAB} ids (use --vocab-size to change)", file=sys.stderr)
     return NEOX_20B_VOCAB
 
 

@@ -29,10 +29,19 @@ matmuls, i.e. without the input embedding; the second term is attention's QK^T a
 over (GPUs x peak x MFU). MFU counts model FLOPs only (recomputation is part of the
 inefficiency); the default 0.40 is typical of well-tuned GPT-NeoX runs on A100/H100 and
 an assumption, not a measurement: pass --mfu from a measured run (gpu_check.py's
-throughput check) when you have one.
+throughput check) when you have one. With pipeline stages (pp > 1) the 1F1B schedule
+idles each stage for pp - 1 of its gas + pp - 1 micro-batch slots, so the step takes
+(gas + pp - 1) / gas times longer; tensor-parallel communication is not modelled.
+
+When the configured global batch does not divide over the GPUs, the planner proposes
+instead of failing: every layout of the same GPU count (tp x pp x dp, micro-batch,
+accumulation) that keeps the batch, each planned as above, best first (fits, then less
+tensor parallelism, whose per-layer all-reduces the time model leaves out, then step
+time), and the nearest batch sizes that the configured layout can take.
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -48,6 +57,7 @@ DEFAULT_MFU = 0.40
 DEFAULT_PEAK_TFLOPS = 989.0  # H100 SXM, bf16/fp16 dense; the table is in tools/bench/gpu_check.py
 ACTIVATION_TENSORS_PER_BLOCK = 18  # [b, s, h]-sized tensors a block saves for backward
 L2E_BYTES_PER_NEURON = 17  # z.float(), d, d2, g (fp32) and the mask, during one hook
+MAX_TENSOR_PARALLEL = 8  # one node's GPUs: tensor parallelism across nodes is not proposed
 
 
 def _shard_params(args) -> dict:
@@ -137,7 +147,8 @@ def plan(args, gpus: int, gpu_memory_gib: float, peak_tflops: float = DEFAULT_PE
 
     tokens_per_step = args.train_batch_size * s
     flops = training_flops(args, params_total - parts["embed"])
-    step_seconds = flops / (gpus * peak_tflops * 1e12 * mfu)
+    pipeline_bubble = (gas + pp - 1) / gas  # 1F1B: pp - 1 idle slots per stage and step
+    step_seconds = flops / (gpus * peak_tflops * 1e12 * mfu) * pipeline_bubble
     return {
         "gpus": gpus, "gpu_memory_gib": gpu_memory_gib,
         "memory_gib": {k: round(v, 3) for k, v in memory.items()},
@@ -155,7 +166,7 @@ def plan(args, gpus: int, gpu_memory_gib: float, peak_tflops: float = DEFAULT_PE
         "checkpoint_activations": bool(args.checkpoint_activations),
         "l2e_layers": args.l2e.resolve_layers(L) if args.l2e.enabled else [],
         "flops_per_step": flops,
-        "peak_tflops": peak_tflops, "mfu": mfu,
+        "peak_tflops": peak_tflops, "mfu": mfu, "pipeline_bubble": round(pipeline_bubble, 4),
         "est_step_seconds": round(step_seconds, 4),
         "train_iters": args.train_iters,
         "est_hours": round(step_seconds * (args.train_iters or 0) / 3600, 2),
@@ -178,8 +189,108 @@ def format_plan(p: dict) -> str:
     verdict = "fits" if p["fits"] else "DOES NOT FIT"
     lines += [f"{verdict} in {p['gpu_memory_gib']} GiB (margin {p['margin_gib']:+.2f} GiB)", "",
               f"step: {p['flops_per_step']:.3e} FLOPs -> {p['est_step_seconds']:.3f} s at MFU "
-              f"{p['mfu']:.2f} of {p['peak_tflops']:.0f} TFLOP/s per GPU; "
-              f"{p['train_iters']} steps -> {p['est_hours']:.1f} h"]
+              f"{p['mfu']:.2f} of {p['peak_tflops']:.0f} TFLOP/s per GPU"
+              + (f" and x{p['pipeline_bubble']:.3f} for the pipeline bubble" if p["pipeline_bubble"] > 1 else "")
+              + f"; {p['train_iters']} steps -> {p['est_hours']:.1f} h"]
+    return "\n".join(lines)
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _plan_layout(args, vocab_size: int, gpus: int, tp: int, pp: int, batch: int, settings: dict) -> dict | None:
+    """Plan ``args`` as tp x pp x dp with global batch ``batch``: the configured micro-batch
+    (or the largest divisor of the per-rank batch below it), smaller ones only when it does
+    not fit; None when the batch does not split over dp."""
+    dp = gpus // (tp * pp)
+    if batch % dp:
+        return None
+    per_rank = batch // dp
+    configured = args._batch_given.get("train_micro_batch_size_per_gpu") or per_rank
+    micro_batches = sorted((d for d in _divisors(per_rank) if d <= configured), reverse=True)
+    chosen = None
+    for micro in micro_batches:
+        candidate = copy.copy(args)
+        candidate.model_parallel_size = tp
+        # pipe_parallel_size 0 and 1 both mean one stage; keep the config's choice of module
+        candidate.pipe_parallel_size = pp if pp > 1 else min(args.pipe_parallel_size, 1)
+        candidate._batch_given = {"train_batch_size": batch, "train_micro_batch_size_per_gpu": micro,
+                                  "gradient_accumulation_steps": per_rank // micro}
+        candidate.set_vocab_size(vocab_size)
+        chosen = plan(candidate, gpus, **settings)
+        if chosen["fits"]:
+            break
+    return chosen
+
+
+def _nearest_per_rank(start: int, micro_batch: int, direction: int) -> int:
+    """The first per-rank batch from ``start`` in ``direction`` that splits into micro-batches
+    of at least half ``micro_batch`` (a prime per-rank batch would force micro-batch 1);
+    0 when none is left below."""
+    per_rank = start
+    while per_rank > 0:
+        if per_rank <= micro_batch or any(per_rank % m == 0 for m in range(micro_batch, (micro_batch + 1) // 2 - 1, -1)):
+            return per_rank
+        per_rank += direction
+    return 0
+
+
+def propose(args, vocab_size: int, gpus: int, **settings) -> dict:
+    """The layouts of ``gpus`` GPUs that keep the configured global batch, best first, and
+    the nearest batch sizes the configured tp x pp layout takes."""
+    batch = args._batch_given["train_batch_size"]
+    layouts = []
+    for tp in _divisors(gpus):
+        if tp > MAX_TENSOR_PARALLEL or args.num_attention_heads % tp:
+            continue
+        for pp in _divisors(gpus // tp):
+            if pp <= args.num_layers:
+                layout = _plan_layout(args, vocab_size, gpus, tp, pp, batch, settings)
+                if layout is not None:
+                    layouts.append(layout)
+    layouts.sort(key=lambda p: (not p["fits"], p["tensor_parallel_size"], p["est_step_seconds"]))
+
+    tp, pp = args.model_parallel_size, max(args.pipe_parallel_size, 1)
+    if gpus % (tp * pp):
+        tp = pp = 1
+    dp = gpus // (tp * pp)
+    configured = args._batch_given.get("train_micro_batch_size_per_gpu") or batch // dp or 1
+    nearest = sorted({dp * _nearest_per_rank(batch // dp, configured, -1),
+                      dp * _nearest_per_rank(-(-batch // dp), configured, +1)} - {batch, 0})
+    return {"train_batch_size": batch, "gpus": gpus, "layouts": layouts,
+            "nearest_batches": [_plan_layout(args, vocab_size, gpus, tp, pp, b, settings) for b in nearest]}
+
+
+def _overrides(p: dict) -> str:
+    return (f"model_parallel_size={p['tensor_parallel_size']} pipe_parallel_size={p['pipe_parallel_size']} "
+            f"train_batch_size={p['train_batch_size']} train_micro_batch_size_per_gpu="
+            f"{p['train_micro_batch_size_per_gpu']} gradient_accumulation_steps={p['gradient_accumulation_steps']}")
+
+
+def _layout_row(p: dict) -> str:
+    return (f"  tp {p['tensor_parallel_size']:<2d} x pp {p['pipe_parallel_size']:<2d} x dp {p['data_parallel_size']:<4d}"
+            f" micro {p['train_micro_batch_size_per_gpu']:>3d} x accumulation {p['gradient_accumulation_steps']:<4d}"
+            f" {p['memory_gib']['total']:7.1f} GiB  {'fits' if p['fits'] else 'DOES NOT FIT':12s}"
+            f" {p['est_step_seconds']:7.2f} s/step  {p['est_hours']:7.1f} h")
+
+
+def format_proposals(problem: str, proposals: dict) -> str:
+    batch, gpus = proposals["train_batch_size"], proposals["gpus"]
+    lines = [f"as configured: {problem}", ""]
+    if proposals["layouts"]:
+        lines.append(f"layouts of {gpus} GPUs that keep train_batch_size={batch}, best first "
+                     f"(fits, less tensor parallelism, step time):")
+        lines += [_layout_row(p) for p in proposals["layouts"]]
+    else:
+        lines.append(f"no layout of {gpus} GPUs keeps train_batch_size={batch}")
+    if proposals["nearest_batches"]:
+        lines += ["", "nearest batch sizes on the configured layout:"]
+        for p in proposals["nearest_batches"]:
+            change = (p["train_batch_size"] - batch) / batch
+            lines.append(_layout_row(p) + f"  batch {p['train_batch_size']} ({change:+.1%} tokens per step)")
+    best = (proposals["layouts"] or proposals["nearest_batches"])[0]
+    lines += ["", f"plan one in full: --override {_overrides(best)}"]
     return "\n".join(lines)
 
 
@@ -203,8 +314,21 @@ def main(argv=None):
     if ns.gpus < 1:
         raise ConfigError(f"--gpus must be >= 1, got {ns.gpus}")
     args = load_from_namespace(ns)
-    args.set_vocab_size(vocab_size_of(args, ns.vocab_size))
-    result = plan(args, ns.gpus, ns.gpu_memory_gib, ns.peak_tflops, ns.mfu, ns.overhead_gib)
+    vocab_size = vocab_size_of(args, ns.vocab_size)
+    args.set_vocab_size(vocab_size)
+    settings = {"gpu_memory_gib": ns.gpu_memory_gib, "peak_tflops": ns.peak_tflops, "mfu": ns.mfu,
+                "overhead_gib": ns.overhead_gib}
+    try:
+        result = plan(copy.copy(args), ns.gpus, **settings)
+    except ConfigError as problem:
+        if args._batch_given.get("train_batch_size") is None:
+            raise  # no batch to keep: the loader's message is the answer
+        proposals = propose(args, vocab_size, ns.gpus, **settings)
+        if not proposals["layouts"] and not proposals["nearest_batches"]:
+            raise
+        print(json.dumps({"problem": str(problem), **proposals}, indent=2) if ns.json
+              else format_proposals(str(problem), proposals))
+        return
     print(json.dumps(result, indent=2) if ns.json else format_plan(result))
 
 

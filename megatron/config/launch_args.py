@@ -99,7 +99,8 @@ def decode(b64: str):
     except (binascii.Error, ValueError, KeyError, TypeError):
         raise ConfigError(f"{NEOX_CONFIG_FLAG} does not hold a config written by deepy.py; "
                           f"launch with deepy.py or pass YAML files") from None
-    return NeoXArgs.from_dict(args, config_files=files)
+    # deepy.py loaded this config and warned about its no-op keys; the run summary lists them
+    return NeoXArgs.from_dict(args, config_files=files, announce=False)
 
 
 def consume(argv=None, prog: str = "train.py"):

@@ -37,6 +37,8 @@ BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu",
 TOKENIZER_PATH_KEYS = ("vocab_file", "merge_file")
 REQUIRED_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "seq_length")
 _warned_no_ops: set = set()
+_noted_batches: set = set()
+PYTHIA_TRAIN_BATCH = 1024  # sequences per step of every Pythia model (2,097,152 tokens)
 
 
 def _set_nested(mapping, path: list[str], value, key: str):
@@ -100,15 +102,16 @@ class NeoXArgs(ModelArgs, ParallelArgs, OptimizerArgs, TrainingArgs, DataArgs,
         return args
 
     @classmethod
-    def from_dict(cls, d: dict, config_files: dict | None = None) -> "NeoXArgs":
-        """Inverse of :meth:`to_dict`; ``config_files`` may also sit inside ``d``."""
+    def from_dict(cls, d: dict, config_files: dict | None = None, announce: bool = True) -> "NeoXArgs":
+        """Inverse of :meth:`to_dict`; ``config_files`` may also sit inside ``d``.
+        ``announce=False``: no warnings about no-op keys (someone gave them already)."""
         d = {normalize_key(k): v for k, v in d.items()}
         embedded = d.pop("config_files", None)
         files = config_files if config_files is not None else embedded
-        return cls._build(d, {k: "config dict" for k in d}, files or {})
+        return cls._build(d, {k: "config dict" for k in d}, files or {}, announce)
 
     @classmethod
-    def _build(cls, values: dict, sources: dict, texts: dict) -> "NeoXArgs":
+    def _build(cls, values: dict, sources: dict, texts: dict, announce: bool = True) -> "NeoXArgs":
         fields = {f.name: f for f in dataclasses.fields(cls)}
         hints = typing.get_type_hints(cls)
         checks.check_computed_keys({k: sources[k] for k in values if values[k] is not None})
@@ -133,11 +136,8 @@ class NeoXArgs(ModelArgs, ParallelArgs, OptimizerArgs, TrainingArgs, DataArgs,
         args.config_files = dict(texts)
         args._sources = dict(sources)
         args._batch_given = {k: kwargs[k] for k in BATCH_KEYS if kwargs.get(k) is not None}
-        args._warn_no_ops()
-        for key in sorted(set(values) & compat.NEOX_RUNTIME_KEYS - _warned_no_ops):
-            _warned_no_ops.add(key)
-            log.warning("accepted, no effect here: %s (GPT-NeoX computes it at run time and "
-                        "writes it into its argument dumps)", key)
+        if announce:
+            args._warn_no_ops(set(values) & compat.NEOX_RUNTIME_KEYS)
         args._derive()
         return args
 
@@ -158,8 +158,11 @@ class NeoXArgs(ModelArgs, ParallelArgs, OptimizerArgs, TrainingArgs, DataArgs,
                 out.append((key, why))
         return out
 
-    def _warn_no_ops(self) -> None:
-        for key, why in self.no_effect_keys():
+    def _warn_no_ops(self, runtime_keys=()) -> None:
+        """Once per process and key."""
+        runtime = [(key, "GPT-NeoX computes it at run time and writes it into its argument dumps")
+                   for key in sorted(runtime_keys)]
+        for key, why in self.no_effect_keys() + runtime:
             if key not in _warned_no_ops:
                 _warned_no_ops.add(key)
                 log.warning("accepted, no effect here: %s (%s)", key, why)
@@ -186,7 +189,8 @@ class NeoXArgs(ModelArgs, ParallelArgs, OptimizerArgs, TrainingArgs, DataArgs,
             if paths and getattr(self, f"{split}_data_weights") is None:
                 setattr(self, f"{split}_data_weights", [1.0] * len(paths))
         self.l2e.validate(self.num_layers, source=self._where("l2e"))
-        self.configure_world(self.world_size or self._implied_world())
+        # not the real world yet (configure_world is called again with it): no batch note
+        self.configure_world(self.world_size or self._implied_world(), note_batch=False)
 
     def _implied_world(self) -> int:
         """The world the config describes: the one its full batch triple implies, else the
@@ -285,8 +289,9 @@ class NeoXArgs(ModelArgs, ParallelArgs, OptimizerArgs, TrainingArgs, DataArgs,
                               f"learning rate is optimizer.params.lr (={self.lr}); set that "
                               f"instead, e.g. --override optimizer.params.lr={given:g}")
 
-    def configure_world(self, world_size: int) -> None:
-        """Set world/data-parallel size and fill the batch triple for ``world_size`` ranks."""
+    def configure_world(self, world_size: int, note_batch: bool = True) -> None:
+        """Set world/data-parallel size and fill the batch triple for ``world_size`` ranks;
+        ``note_batch``: say so when a Pythia config's batch comes out other than Pythia's."""
         pp, tp = max(self.pipe_parallel_size, 1), self.model_parallel_size
         if world_size < 1 or world_size % (pp * tp):
             raise ConfigError(
@@ -324,6 +329,28 @@ class NeoXArgs(ModelArgs, ParallelArgs, OptimizerArgs, TrainingArgs, DataArgs,
         self.train_batch_size, self.train_micro_batch_size_per_gpu = tb, mbs
         self.gradient_accumulation_steps = gas
         self.world_size, self.data_parallel_size = world_size, dp
+        if note_batch:
+            self._note_pythia_batch()
+
+    def _note_pythia_batch(self) -> None:
+        """GPT-NeoX's Pythia YAMLs give only the micro-batch (and accumulation): the global
+        batch then follows the GPU count, and only Pythia's own count gives Pythia's 1,024."""
+        if "train_batch_size" in self._batch_given or self.train_batch_size == PYTHIA_TRAIN_BATCH:
+            return
+        source = self._sources.get("train_micro_batch_size_per_gpu", "")
+        if "pythia" not in source.lower():
+            return
+        mbs, gas, dp = self.train_micro_batch_size_per_gpu, self.gradient_accumulation_steps, self.data_parallel_size
+        keep = f"set train_batch_size={PYTHIA_TRAIN_BATCH} (tools/plan_run.py proposes layouts for it)"
+        if PYTHIA_TRAIN_BATCH % (mbs * gas) == 0:
+            gpus = PYTHIA_TRAIN_BATCH // (mbs * gas) * self.world_size // dp
+            keep += f" or train on {gpus} GPUs"
+        note = (f"{source}: training with a global batch of {self.train_batch_size} sequences (micro-batch "
+                f"{mbs} x accumulation {gas} x data-parallel {dp}), not Pythia's {PYTHIA_TRAIN_BATCH}; "
+                f"to keep Pythia's, {keep}")
+        if note not in _noted_batches:
+            _noted_batches.add(note)
+            log.warning(note)
 
     def set_vocab_size(self, vocab_size: int) -> int:
         """Pad the tokenizer's vocab to a multiple of divisible_by * model_parallel_size."""

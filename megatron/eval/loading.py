@@ -63,15 +63,19 @@ def run_name(checkpoint: Path) -> str:
     return path.name or "run"
 
 
-def results_path(checkpoint: Path, iteration: int | None, tasks, prefix: str = "") -> Path:
+def results_path(checkpoint: Path, iteration: int | None, tasks, prefix: str = "",
+                 limit: int | None = None) -> Path:
     """``eval_results/<run>_iter<N>_<tasks>.json`` (``<prefix>_iter<N>_<tasks>.json`` when
-    the config sets ``eval_results_prefix``), never an existing file: a repeat gets ``.1``,
-    ``.2``, ... before ``.json``."""
+    the config sets ``eval_results_prefix``; ``-limit<L>`` before ``.json`` when only
+    ``limit`` documents per task were scored), never an existing file: a repeat gets
+    ``.1``, ``.2``, ... before ``.json``."""
     names = "-".join(tasks)
     if len(names) > 80:  # a long task list would exceed filename limits
         names = f"{'-'.join(tasks[:3])}-and{len(tasks) - 3}more"
     step = f"_iter{iteration}" if iteration is not None else ""
     stem = f"{prefix or Path('eval_results') / run_name(checkpoint)}{step}_{names}"
+    if limit is not None:
+        stem += f"-limit{limit}"
     return unused_path(Path(f"{stem}.json"))
 
 

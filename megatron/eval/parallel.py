@@ -101,6 +101,7 @@ def load_parallel_model(args, checkpoint: str, iteration: int | None = None):
     groups = ParallelGroups.build(max(1, args.pipe_parallel_size), args.model_parallel_size)
     # Weights only: no optimizer or RNG state, no L2E hooks, no recomputation.
     args.load, args.iteration, args.finetune = str(checkpoint), iteration, True
+    args.evaluating = True  # the restore line would describe a training start; eval.py says what it does
     args.l2e.enabled = False
     args.checkpoint_activations = False
     trainer = build_trainer(args, groups)

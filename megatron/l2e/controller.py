@@ -26,6 +26,7 @@ import time
 import torch
 import torch.nn as nn
 
+from megatron.console import THIS_RANK
 from megatron.errors import CheckpointError
 from megatron.l2e.comm import all_reduce_sum_, group_rank, group_size
 from megatron.l2e.inhibition import regularize, reverse_deactivate
@@ -173,8 +174,10 @@ class L2E:
             mom = s.moments
             if not math.isfinite(finite + kth_sum):
                 # NaN/inf activations: neither the running statistics nor tau may absorb them
+                # the layer's pipeline stage may not hold rank 0: its first dp/tp rank reports it
+                first_of_stage = group_rank(self.dp_group) == 0 and group_rank(self.tp_group) == 0
                 log.warning("L2E layer %d: non-finite activations at iteration %d; step's statistics dropped",
-                            s.layer, self.iteration)
+                            s.layer, self.iteration, extra=THIS_RANK if first_of_stage else None)
                 offset += 2 * mom.mean.numel() if sync else 0
                 mom.reset_batch()
                 s.retrieval.reset_step()

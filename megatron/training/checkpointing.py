@@ -135,6 +135,11 @@ def _say(message: str) -> None:
         print(message, flush=True)
 
 
+def _from_scratch(why: str) -> int:
+    _say(f"starting from scratch: {why}; fresh weights at step 0")
+    return 0
+
+
 def _read_latest(directory: str) -> str | None:
     path = os.path.join(directory, "latest")
     if not os.path.isfile(path):
@@ -473,6 +478,8 @@ def _continue_from_weights(args, engine, groups, l2e, info, iteration: int) -> i
     """Weights only (a converter's output, or ``finetune``), continued at ``iteration``."""
     weights.load_checkpoint_weights(args, engine, groups, info)
     _start_schedule(args, engine, iteration)
+    if getattr(args, "evaluating", False):  # eval.py names what it evaluates; no schedule to report
+        return iteration
     return _report(Restored(source=info.path, iteration=iteration, samples=iteration * engine.train_batch_size(),
                             weights="✓ (finetune: weights only)" if args.finetune else "✓",
                             schedule_at=_schedule_position(engine, iteration), l2e=_new_l2e_state(l2e)))
@@ -611,16 +618,17 @@ def load_checkpoint(args, engine, groups, l2e=None) -> int:
     """
     directory = args.load
     if not directory:
-        return 0
+        return _from_scratch("no 'load' is set")
     if not os.path.isdir(directory):
         if os.path.abspath(directory) == os.path.abspath(args.save or ""):
-            return 0  # first launch of a run that saves and resumes in one directory
+            # first launch of a run that saves and resumes in one directory
+            return _from_scratch(f"load {directory} does not exist yet (it is also 'save')")
         raise CheckpointError(f"load: directory {directory} does not exist; fix 'load' or remove it")
     if os.path.isfile(os.path.join(directory, "config.json")):
         return _continue_from_hf(args, engine, groups, l2e)
     tag = _resolve_tag(args, directory)
     if tag is None:
-        return 0
+        return _from_scratch(f"load {directory} holds no checkpoint yet")
     tag = _tag_dir(directory, tag)
     ckpt_dir = os.path.join(directory, tag)
     if getattr(args, "checkpoint_verify", True):

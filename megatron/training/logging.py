@@ -3,9 +3,21 @@
 Keys follow GPT-NeoX (reference §8) so curves overlay Pythia's wandb runs:
 ``train/lm_loss`` stays pure cross-entropy and the L2E regulariser is logged under its
 own ``train/l2e_loss`` / ``l2e/*`` keys. Only global rank 0 writes anything.
+
+Time per iteration, throughput and the ETA count training steps only: the loop brackets
+checkpoint loading, evaluation and saving with ``outside_training``, and those seconds
+are shown beside the line instead. The ETA uses the last ``ETA_WINDOW_LINES`` lines, so a
+single slow interval does not swing it.
+
+A resumed run continues its logs: the wandb run id is kept in every checkpoint's
+``configs/run_summary.yml`` (outputs.wandb_run_id) and the resumed run reopens that run
+(``resume="allow"``); TensorBoard writes to the same directory with the same step axis,
+dropping events past the resumed step (``purge_step``) that an interrupted run wrote.
 """
 from __future__ import annotations
 
+import collections
+import contextlib
 import json
 import math
 import os
@@ -17,6 +29,7 @@ import torch.distributed as dist
 from megatron.errors import ConfigError
 
 METRICS_FILE = "metrics.jsonl"
+ETA_WINDOW_LINES = 10  # written lines the moving average of the step time spans
 
 
 def training_flops_per_iteration(args, recompute: bool | None = None) -> float:
@@ -37,7 +50,7 @@ def _json_number(value):
     return value if math.isfinite(value) else None
 
 
-def _duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "?"
     minutes, secs = divmod(int(seconds), 60)
@@ -79,6 +92,20 @@ class TimerSink:
         return out
 
 
+def recorded_wandb_run_id(checkpoint_dir: str | None) -> str | None:
+    """The wandb run id a checkpoint's run logged to (its run summary), if any."""
+    import yaml
+
+    from megatron.config.loading import SUMMARY_FILE
+
+    path = os.path.join(checkpoint_dir or "", "configs", SUMMARY_FILE)
+    if not checkpoint_dir or not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        outputs = (yaml.safe_load(f) or {}).get("outputs") or {}
+    return outputs.get("wandb_run_id")
+
+
 def _read_jsonl(path: str) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
@@ -89,11 +116,13 @@ class MetricsLogger:
 
     Loss keys (``*_loss``) are averaged over the steps since the last written line, as
     NeoX averages over ``log_interval``; every other key keeps its latest value.
-    ``runtime/*`` keys are measured here, from wall clock between written lines.
-    Metrics must already be reduced onto global rank 0, the only rank that writes.
+    ``runtime/*`` keys are measured here, from wall clock between written lines less the
+    time spent ``outside_training``. Metrics must already be reduced onto global rank 0,
+    the only rank that writes. ``start_iteration`` / ``checkpoint_dir``: where a resumed
+    run starts and the checkpoint it loaded (its wandb run is continued).
     """
 
-    def __init__(self, args, groups, engine=None):
+    def __init__(self, args, groups, engine=None, start_iteration: int = 0, checkpoint_dir: str | None = None):
         self.args = args
         self.world_size = groups.dp_size * groups.tp_size * groups.pp_size
         self.is_writer = not dist.is_initialized() or dist.get_rank() == 0
@@ -102,6 +131,11 @@ class MetricsLogger:
         self.timers = TimerSink(engine) if engine is not None and args.wall_clock_breakdown else None
         self._losses: dict[str, list[float]] = {}
         self._last_time, self._last_iteration = time.perf_counter(), None
+        self._outside_interval: dict[str, float] = {}  # since the last written line
+        self.outside_totals: dict[str, float] = {}  # this run: load, eval, save seconds
+        self.training_seconds = 0.0
+        self._recent = collections.deque(maxlen=ETA_WINDOW_LINES)  # (steps, training seconds)
+        self.last_values: dict[str, tuple[int, float]] = {}  # key -> (iteration, value)
         self._truncated = False
         self.path = self.wandb = self.tensorboard = self.progress = None
         if args.use_wandb and args.wandb_init_all_ranks:
@@ -112,18 +146,19 @@ class MetricsLogger:
         os.makedirs(log_dir, exist_ok=True)
         self.path = os.path.join(log_dir, METRICS_FILE)
         if args.use_wandb and not args.wandb_init_all_ranks:
-            self.wandb = self._start_wandb(args)
+            self.wandb = self._start_wandb(args, recorded_wandb_run_id(checkpoint_dir))
         if args.tensorboard_dir:
-            self.tensorboard = self._start_tensorboard(args.tensorboard_dir)
+            self.tensorboard = self._start_tensorboard(args.tensorboard_dir, start_iteration)
         if sys.stdout.isatty():
             from tqdm import tqdm
 
             self.progress = tqdm(total=args.train_iters, unit="it", dynamic_ncols=True)
 
     @staticmethod
-    def _start_wandb(args):
+    def _start_wandb(args, run_id: str | None = None):
         """wandb on rank 0, or on every rank (``wandb_init_all_ranks``: one group, runs
-        named by rank, for per-GPU system metrics; only rank 0 logs training metrics)."""
+        named by rank, for per-GPU system metrics; only rank 0 logs training metrics).
+        ``run_id``: the run a resumed run continues."""
         import wandb
 
         # No API key means no account: keep the run on disk, `wandb sync` it later.
@@ -136,8 +171,14 @@ class MetricsLogger:
             dist.broadcast_object_list(shared, src=0)
             group, rank = shared[0], dist.get_rank()
             name = f"{name or group}-rank{rank}"
+        resume = {"id": run_id, "resume": "allow"} if run_id else {}
         return wandb.init(project=args.wandb_project, entity=args.wandb_team, group=group,
-                          name=name, config=args.to_dict(derived=True), dir=args.log_dir or None)
+                          name=name, config=args.to_dict(derived=True), dir=args.log_dir or None, **resume)
+
+    @property
+    def wandb_run_id(self) -> str | None:
+        """Kept in the run summary of every checkpoint, for the resume to continue."""
+        return getattr(self.wandb, "id", None) if self.is_writer and not self.args.wandb_init_all_ranks else None
 
     def record_config(self, summary: dict, text: str) -> None:
         """The run summary (derived values) in the wandb config and as TensorBoard text."""
@@ -147,7 +188,7 @@ class MetricsLogger:
             self.tensorboard.add_text("run_summary", f"```\n{text}\n```", 0)
 
     @staticmethod
-    def _start_tensorboard(log_dir):
+    def _start_tensorboard(log_dir, start_iteration: int = 0):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as e:
@@ -155,7 +196,24 @@ class MetricsLogger:
                 "tensorboard_dir is set but the tensorboard package is missing; "
                 "pip install tensorboard or remove tensorboard_dir"
             ) from e
-        return SummaryWriter(log_dir=log_dir)
+        # a resume drops what an interrupted run logged past its checkpoint, as metrics.jsonl does
+        return SummaryWriter(log_dir=log_dir, purge_step=start_iteration + 1 if start_iteration else None)
+
+    @contextlib.contextmanager
+    def outside_training(self, kind: str):
+        """Time spent on ``kind`` (load, eval, save): kept out of the step time and ETA."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add_outside_training(kind, time.perf_counter() - started)
+
+    def add_outside_training(self, kind: str, seconds: float, before_logging: bool = False) -> None:
+        """``before_logging``: spent before this logger started (the checkpoint load), so
+        in the end summary's totals but in no line's interval."""
+        if not before_logging:
+            self._outside_interval[kind] = self._outside_interval.get(kind, 0.0) + seconds
+        self.outside_totals[kind] = self.outside_totals.get(kind, 0.0) + seconds
 
     # ------------------------------------------------------------------ writing
 
@@ -175,6 +233,7 @@ class MetricsLogger:
     def _emit(self, iteration: int, metrics: dict) -> None:
         record = {"iteration": iteration, "timestamp": time.time()}
         record.update({k: _json_number(v) for k, v in metrics.items()})
+        self.last_values.update({k: (iteration, float(v)) for k, v in metrics.items()})
         self._append(record)
         if self.wandb is not None and self.is_writer:
             self.wandb.log(metrics, step=iteration)
@@ -199,7 +258,13 @@ class MetricsLogger:
 
         now = time.perf_counter()
         steps = max(1, iteration - self._last_iteration)
-        dt = (now - self._last_time) / steps
+        outside = {f"runtime/{kind}_seconds": t for kind, t in self._outside_interval.items()}
+        training = max(now - self._last_time - sum(self._outside_interval.values()), 0.0)
+        self._outside_interval.clear()
+        self.training_seconds += training
+        self._recent.append((steps, training))
+        # a moving average: one slow interval (first steps, a busy machine) does not swing the ETA
+        dt = max(sum(t for _, t in self._recent) / sum(n for n, _ in self._recent), 1e-9)
         self._last_time, self._last_iteration = now, iteration
         merged = dict(metrics)
         for key, values in self._losses.items():
@@ -225,6 +290,7 @@ class MetricsLogger:
             merged["runtime/hfu"] = self.flops_per_iteration / per_gpu
         if self.timers is not None:
             merged.update(self.timers.drain(steps))
+        merged.update(outside)
         self._emit(iteration, merged)
         self._print(iteration, merged)
 
@@ -245,7 +311,7 @@ class MetricsLogger:
             f"consumed samples: {m['train/consumed_samples']:.0f}",
             f"tokens: {_count(m['train/consumed_tokens'])}",
             f"elapsed time per iteration (ms): {m['runtime/iteration_time'] * 1000:.1f}",
-            f"ETA: {_duration(m['runtime/eta_seconds'])}",
+            f"ETA: {format_duration(m['runtime/eta_seconds'])}",
             f"tokens/s: {m.get('runtime/tokens_per_sec', math.nan):.0f}",
             f"learning rate: {m.get('train/learning_rate', math.nan):.3E}",
             f"approx flops per GPU: {m['runtime/flops_per_sec_per_gpu'] / 1e12:.2f}TFLOPS",
@@ -257,10 +323,18 @@ class MetricsLogger:
             parts.append(f"grad norm: {m['train/grad_norm']:.3f}")
         if "train/l2e_loss" in m:
             parts.append(f"l2e_loss: {m['train/l2e_loss']:.6E}")
+        for key in sorted((k for k in m if k.startswith("l2e/tau/layer_")), key=lambda k: int(k.rsplit("_", 1)[1])):
+            layer = key.rsplit("_", 1)[1]
+            frac = m.get(f"l2e/selected_frac/layer_{layer}", math.nan)
+            parts.append(f"layer {layer} tau: {m[key]:.4g} selected: {frac:.2%}")
         if "train/loss_scale" in m:
             parts.append(f"loss scale: {m['train/loss_scale']:.1f}")
         parts.append(f"number of skipped iterations: {int(m.get('train/skipped_iters', 0)):3d}")
         parts.append(f"number of nan iterations: {int(m.get('train/nan_iters', 0)):3d}")
+        outside = [f"{k[len('runtime/'):-len('_seconds')]} {v:.1f}" for k, v in m.items()
+                   if k.startswith("runtime/") and k.endswith("_seconds") and k != "runtime/eta_seconds"]
+        if outside:
+            parts.append(f"not in the step time (s): {', '.join(outside)}")
         self._write_console(" | ".join(parts) + " |")
         timers = [f"{k.removeprefix('timers/')}: {v:.1f}" for k, v in m.items() if k.startswith("timers/")]
         if timers:

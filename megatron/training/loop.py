@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import time
 
 import deepspeed
 import numpy as np
@@ -151,6 +152,7 @@ def pretrain(args) -> dict:
     from megatron.tokenizer import build_tokenizer
     from megatron.training import checkpointing, logging, preflight, profiling, robustness, summary
 
+    started = time.perf_counter()
     _check_runtime_settings(args)
     init_distributed()
     args.configure_world(dist.get_world_size())
@@ -163,7 +165,9 @@ def pretrain(args) -> dict:
     trainer = build_trainer(args, groups)
     preflight.check_disk_space(args, preflight.model_parameter_count(trainer.engine, groups.dp_size))
 
-    iteration = checkpointing.load_checkpoint(args, trainer.engine, groups, l2e=trainer.l2e) if args.load else 0
+    load_started = time.perf_counter()
+    iteration = checkpointing.load_checkpoint(args, trainer.engine, groups, l2e=trainer.l2e)
+    load_seconds = time.perf_counter() - load_started
     train_ds, valid_ds, test_ds = build_train_valid_test_datasets(args)
     pipe = trainer.is_pipe
 
@@ -176,24 +180,29 @@ def pretrain(args) -> dict:
     train_batches = batches(train_ds, iteration, trainer.engine.global_samples or None)
     valid_batches = batches(valid_ds, 0) if valid_ds is not None and args.eval_iters else None
 
-    logger = logging.MetricsLogger(args, groups, engine=trainer.engine)
+    loaded = os.path.join(args.load or "", checkpointing.checkpoint_tag(iteration))
+    resumed_from = loaded if iteration and os.path.isdir(loaded) else None  # not an HF directory
+    logger = logging.MetricsLogger(args, groups, engine=trainer.engine, start_iteration=iteration,
+                                   checkpoint_dir=resumed_from)
+    if iteration or (args.load and args.finetune):  # something was loaded, not a fresh start
+        logger.add_outside_training("load", load_seconds, before_logging=True)
     summary.announce(args, tokenizer.vocab_size, (train_ds, valid_ds, test_ds), logger)
     profiler = profiling.StepProfiler(args)
     guard = robustness.NonFiniteLossGuard(args)
-    loaded = os.path.join(args.load or "", checkpointing.checkpoint_tag(iteration))
-    if iteration and os.path.isdir(loaded):  # not for an HF directory continued at step N
+    if resumed_from:
         guard.last_checkpoint = loaded
     preemption = robustness.PreemptionHandler()
     losses, last_saved, start = [], None, iteration
 
     def save(at):
         nonlocal last_saved
-        robustness.check_finite_weights(trainer.engine, at, guard.last_checkpoint)
-        path = checkpointing.save_checkpoint(args, at, trainer.engine, groups, l2e=trainer.l2e)
-        guard.last_checkpoint = path
-        last_saved = at
-        if args.checkpoint_validation_with_forward_pass:
-            validate_checkpoint(args, trainer, groups, path, tokenizer.vocab_size)
+        with logger.outside_training("save"):
+            robustness.check_finite_weights(trainer.engine, at, guard.last_checkpoint)
+            path = checkpointing.save_checkpoint(args, at, trainer.engine, groups, l2e=trainer.l2e)
+            guard.last_checkpoint = path
+            last_saved = at
+            if args.checkpoint_validation_with_forward_pass:
+                validate_checkpoint(args, trainer, groups, path, tokenizer.vocab_size)
 
     if iteration == 0 and checkpointing.should_save(args, 0):
         save(0)  # Pythia keeps the initialisation (extra_save_iters starts with 0)
@@ -207,13 +216,16 @@ def pretrain(args) -> dict:
             losses.append(metrics["lm_loss"])
             logger.log_step(iteration, _step_metrics(trainer, metrics, guard))
             if args.eval_interval and iteration % args.eval_interval == 0:
-                _evaluate_all(args, trainer, groups, tokenizer, valid_batches, logger, iteration)
+                with logger.outside_training("eval"):
+                    _evaluate_all(args, trainer, groups, tokenizer, valid_batches, logger, iteration)
             if checkpointing.should_save(args, iteration):
                 save(iteration)
             if preemption.requested() or (args.exit_interval and iteration - start >= args.exit_interval):
                 break
         if args.save and last_saved != iteration:
             save(iteration)
+        summary.announce_end(args, logger, start, iteration, time.perf_counter() - started,
+                             guard.last_checkpoint if last_saved is not None else None)
     finally:
         profiler.close()
         preemption.close()

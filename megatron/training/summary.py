@@ -17,6 +17,7 @@ import yaml
 
 from megatron.config.loading import SUMMARY_FILE
 from megatron.model import parameter_counts
+from megatron.training.logging import format_duration
 
 
 def _dataset(ds) -> dict | list | None:
@@ -107,6 +108,8 @@ def announce(args, tokenizer_vocab: int, datasets, logger=None, notes: dict | No
     """Print the summary (rank 0), keep it for every checkpoint's configs/ and hand it to
     wandb/TensorBoard. ``notes``: extra one-line results to show, e.g. preflight checks."""
     summary = build_summary(args, tokenizer_vocab, datasets, notes)
+    if logger is not None and logger.wandb_run_id:  # a resume continues this wandb run
+        summary["outputs"]["wandb_run_id"] = logger.wandb_run_id
     text = yaml.safe_dump(summary, sort_keys=False, width=120)
     args.config_files = {**(args.config_files or {}), SUMMARY_FILE: text}
     if not dist.is_initialized() or dist.get_rank() == 0:
@@ -115,3 +118,42 @@ def announce(args, tokenizer_vocab: int, datasets, logger=None, notes: dict | No
     if logger is not None:
         logger.record_config(summary, text)
     return summary
+
+
+def closing_summary(args, logger, start_iteration: int, iteration: int, wall_seconds: float,
+                    last_checkpoint: str | None) -> dict:
+    """What the run did: steps, tokens, time (training vs load/eval/save), the last logged
+    losses and where its checkpoints and logs are."""
+    steps = iteration - start_iteration
+    last = logger.last_values
+
+    def loss(key):
+        return {"iteration": last[key][0], "value": round(last[key][1], 6)} if key in last else None
+
+    log_dir = args.log_dir or "logs"
+    return {
+        "steps": {"from": start_iteration, "to": iteration, "this_run": steps, "of": args.train_iters},
+        "tokens_this_run": steps * args.train_batch_size * args.seq_length,
+        "wall_time": format_duration(wall_seconds),
+        # the rest of the wall time is startup: building the model, the data, DeepSpeed
+        "seconds": {"wall": round(wall_seconds, 1), "training_steps": round(logger.training_seconds, 1),
+                    **{kind: round(t, 1) for kind, t in sorted(logger.outside_totals.items())}},
+        "final_train_lm_loss": loss("train/lm_loss"),
+        "final_valid_lm_loss": loss("validation/lm_loss"),
+        "checkpoint": os.path.abspath(last_checkpoint) if last_checkpoint else "none saved (no 'save')",
+        "metrics": os.path.abspath(os.path.join(log_dir, "metrics.jsonl")),
+        "tensorboard": os.path.abspath(args.tensorboard_dir) if args.tensorboard_dir else None,
+        "wandb_run_id": logger.wandb_run_id,
+    }
+
+
+def announce_end(args, logger, start_iteration: int, iteration: int, wall_seconds: float,
+                 last_checkpoint: str | None) -> dict | None:
+    """Print the closing summary on rank 0 (the only rank with the logged values)."""
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return None
+    closing = closing_summary(args, logger, start_iteration, iteration, wall_seconds, last_checkpoint)
+    text = yaml.safe_dump(closing, sort_keys=False, width=120).rstrip()
+    rule = "-" * 30
+    print(f"{rule} run finished {rule}\n{text}\n{rule}-------------{rule}", flush=True)
+    return closing

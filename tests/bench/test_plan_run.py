@@ -1,5 +1,6 @@
 """tools/plan_run.py: fields, consistency of the memory model, exact parameter counts."""
 import importlib.util
+import itertools
 import json
 import os
 import sys
@@ -79,7 +80,55 @@ def test_cli_json_and_config_errors(capsys):
     tool.main(cfg + ["--gpus", "32", "--gpu-memory-gib", "80", "--json"])
     out = json.loads(capsys.readouterr().out)
     assert out["data_parallel_size"] == 32 and out["fits"] is True
-    with pytest.raises(SystemExit) as e:  # Pythia's 1024 sequences do not divide over 24 GPUs
-        tool.main(cfg + ["--gpus", "24", "--gpu-memory-gib", "80"])
-    assert e.value.code == 2
-    assert "train_batch_size=1024" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # bad input: a one-line error, no proposals
+        tool.main(cfg + ["--gpus", "0", "--gpu-memory-gib", "80"])
+    assert e.value.code == 2 and "--gpus must be >= 1" in capsys.readouterr().err
+
+
+def test_pipeline_bubble_lengthens_the_step():
+    flat = _plan("410M", gpus=8)
+    piped = _plan("410M", gpus=8, pipe_parallel_size=2, gradient_accumulation_steps=2)  # same batch
+    assert piped["train_batch_size"] == flat["train_batch_size"]
+    assert piped["pipeline_bubble"] == pytest.approx((2 + 2 - 1) / 2)
+    assert piped["est_step_seconds"] == pytest.approx(flat["est_step_seconds"] * piped["pipeline_bubble"], rel=1e-3)
+
+
+def test_batch_that_does_not_divide_gets_layouts_that_keep_it(capsys, monkeypatch):
+    """The README's example: 2.8B's 1,024 sequences on 24 GPUs. Every proposal keeps the
+    batch, is planned by the same model as a plain plan, and pp 3 x dp 8 comes first."""
+    tool = _tool()
+    monkeypatch.chdir(ROOT)  # the config paths in the messages as the docs quote them
+    cfg = ["configs/pythia/2-8B.yml", "configs/l2e/2-8B/l2e.yml"]
+    overrides = ["--override", "train_iters=14300", "lr_decay_iters=14300"]  # docs/l2e.md §8's command
+    tool.main(cfg + ["--gpus", "24", "--gpu-memory-gib", "80", "--json", *overrides])
+    out = json.loads(capsys.readouterr().out)
+    assert "not divisible" in out["problem"] and out["train_batch_size"] == 1024
+    layouts = out["layouts"]
+    assert len(layouts) >= 2
+    for p in layouts:
+        tp, pp, dp = p["tensor_parallel_size"], p["pipe_parallel_size"], p["data_parallel_size"]
+        assert tp * pp * dp == 24 and p["train_batch_size"] == 1024
+        assert p["train_micro_batch_size_per_gpu"] * p["gradient_accumulation_steps"] * dp == 1024
+    best = layouts[0]
+    assert (best["tensor_parallel_size"], best["pipe_parallel_size"], best["data_parallel_size"]) == (1, 3, 8)
+    assert best["fits"]
+    # the same numbers as planning that layout directly
+    direct = _plan("2-8B", pipe_parallel_size=3, train_batch_size=1024, train_micro_batch_size_per_gpu=16,
+                   gradient_accumulation_steps=8)
+    assert best["memory_gib"] == direct["memory_gib"] and best["est_step_seconds"] == direct["est_step_seconds"]
+    keys = [(not p["fits"], p["tensor_parallel_size"], p["est_step_seconds"]) for p in layouts]
+    assert keys == sorted(keys)
+    # below and above on tp 1 x pp 1 x dp 24: 1008 = 24 x 42 (14 x 3); 1032 = 24 x 43 is
+    # skipped (43 is prime: micro-batch 1), 1056 = 24 x 44 (11 x 4) is the next
+    nearest = {p["train_batch_size"]: p for p in out["nearest_batches"]}
+    assert sorted(nearest) == [1008, 1056]
+    assert all(p["data_parallel_size"] == 24 and p["train_micro_batch_size_per_gpu"] >= 8 for p in nearest.values())
+    tool.main(cfg + ["--gpus", "24", "--gpu-memory-gib", "80", *overrides])  # the table form exits 0 too
+    printed = capsys.readouterr().out.splitlines()
+    assert "pipe_parallel_size=3" in printed[-1]
+    # docs/l2e.md §8 quotes this output (rows left out as "..."): every quoted line is printed
+    doc = open(os.path.join(ROOT, "docs", "l2e.md")).read().split("$ python tools/plan_run.py configs/pythia/2-8B.yml")[1]
+    block = itertools.takewhile(lambda line: not line or line.startswith("    "), doc.split("\n")[2:])
+    quoted = [line.strip() for line in block if line.strip() not in ("", "...")]
+    assert len(quoted) >= 6
+    assert [line for line in quoted if line not in {p.strip() for p in printed}] == []

@@ -32,6 +32,18 @@ def test_defaults_pass_no_runner_options():
     assert decode(cmd[3]) == tiny()
 
 
+def test_a_rank_launched_by_deepy_does_not_repeat_the_launchers_config_warnings(caplog, monkeypatch):
+    from megatron.config import neox_args
+
+    monkeypatch.setattr(neox_args, "_warned_no_ops", set())  # as in a fresh launcher process
+    cmd = build_launch_command(tiny(rope_fusion=True), "train.py")
+    assert [r.getMessage() for r in caplog.records if "rope_fusion" in r.getMessage()]  # the launcher's
+    monkeypatch.setattr(neox_args, "_warned_no_ops", set())  # as in a fresh rank process
+    caplog.clear()
+    assert decode(cmd[cmd.index("--neox_config") + 1]).rope_fusion
+    assert not [r for r in caplog.records if "no effect" in r.getMessage()]
+
+
 def test_hostfile_include_and_ports(tmp_path):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node1 slots=8\nnode2 slots=8\n")

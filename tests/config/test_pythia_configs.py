@@ -75,7 +75,9 @@ def test_describe_model_gives_pythia_parameter_counts(size, which):
     assert (d["total_params"], d["non_embedding_params"]) == PYTHIA_COUNTS[size]
 
 
-def test_describe_model_cli_assumes_neox_tokenizer(capsys):
+def test_describe_model_cli_reads_the_shipped_tokenizer(capsys, tmp_path):
+    """NeoX's /fsx path to the 20B tokenizer (local_setup.yml) or none: the repository's
+    copy is read, silently; an unreadable other tokenizer gets the warning and NeoX-20B's ids."""
     pytest.importorskip("megatron.model")
     from tools.describe_model import main
 
@@ -83,6 +85,34 @@ def test_describe_model_cli_assumes_neox_tokenizer(capsys):
     out, err = capsys.readouterr()
     d = json.loads(out)
     assert d["total_params"] == PYTHIA_COUNTS["70M"][0] and d["padded_vocab_size"] == 50304
-    assert "50277" in err
+    assert "describe_model" not in err
+    model_only = [c for c in ours("70M") if not c.endswith("local_setup.yml")]
+    for vocab_file, warned in ((None, False), ("/nowhere/other.json", True)):
+        extra = tmp_path / "vocab.yml"
+        extra.write_text(f'{{"vocab_file": "{vocab_file}"}}' if vocab_file else "{}")
+        main([*model_only, str(extra)])
+        out, err = capsys.readouterr()
+        assert json.loads(out)["padded_vocab_size"] == 50304
+        assert ("describe_model: vocab_file /nowhere/other.json is not readable" in err) == warned
     main([*ours("70M"), "--vocab-size", "50305"])
     assert json.loads(capsys.readouterr()[0])["padded_vocab_size"] == 50432
+
+
+@pytest.mark.parametrize("size,gpus,batch,keep_gpus", [("410M", 24, 768, 32), ("2-8B", 24, 384, 64)])
+def test_neox_pythia_batch_that_follows_the_gpu_count_is_said_once(size, gpus, batch, keep_gpus, caplog):
+    """GPT-NeoX's Pythia YAMLs set only the micro-batch: on 24 GPUs the batch is not
+    Pythia's 1,024, and one line says which it is and how to keep Pythia's."""
+    from megatron.config import neox_args
+
+    neox_args._noted_batches.clear()  # said once per process: forget earlier tests' lines
+    args = NeoXArgs.from_ymls(neox(size))
+    caplog.clear()
+    args.configure_world(gpus)
+    args.configure_world(gpus)  # the launcher's and the rank's call: still one line
+    notes = [r.getMessage() for r in caplog.records if "not Pythia's 1024" in r.getMessage()]
+    assert len(notes) == 1 and args.train_batch_size == batch
+    assert f"global batch of {batch} sequences" in notes[0] and f"train on {keep_gpus} GPUs" in notes[0]
+    assert "train_batch_size=1024" in notes[0]
+    caplog.clear()
+    NeoXArgs.from_ymls(neox(size)).configure_world(keep_gpus)  # Pythia's own count: nothing to say
+    assert not [r for r in caplog.records if "Pythia's" in r.getMessage()]

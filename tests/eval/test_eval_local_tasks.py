@@ -63,9 +63,10 @@ def test_deepy_eval_with_include_path_names_results_by_run_step_and_task(run_dir
     assert "perplexity=" in proc.stdout and "±" in proc.stdout  # the console shows the stderr
 
 
-def test_example_tasks_stderr_and_no_overwrite(run_dir, tmp_path, monkeypatch):
+def test_example_tasks_stderr_and_no_overwrite(run_dir, tmp_path, monkeypatch, capsys):
     """The three example tasks (a few documents each) with --tokenizer; stderr by default
-    for means; a repeat run writes a second file instead of replacing the first."""
+    for means; a repeat run writes a second file instead of replacing the first; --limit
+    marks the file name and the JSON and warns."""
     monkeypatch.chdir(tmp_path)
     main = _eval_main()
     tasks = ["austen_mc", "austen_last_word", "austen_completion"]
@@ -73,10 +74,17 @@ def test_example_tasks_stderr_and_no_overwrite(run_dir, tmp_path, monkeypatch):
             "--eval_tasks", *tasks, "--include_path", str(TASKS_DIR), "--limit", "4"]
     main(argv)
     main(argv)
-    first = tmp_path / "eval_results" / f"austen_iter{STEP}_{'-'.join(tasks)}.json"
+    first = tmp_path / "eval_results" / f"austen_iter{STEP}_{'-'.join(tasks)}-limit4.json"
     second = first.with_name(first.name.replace(".json", ".1.json"))
     assert first.is_file() and second.is_file()
-    results = json.loads(first.read_text())["results"]
+    saved = json.loads(first.read_text())
+    assert saved["limit"] == 4 and "only the first 4 documents" in saved["warning"]
+    out, err = capsys.readouterr()
+    assert out.count(f"eval: evaluating {run_dir / 'checkpoints'} at step {STEP} on austen_mc") == 2
+    assert "finetune" not in out + err
+    assert err.count("eval: warning: --limit 4: only the first 4 documents of each task") == 2
+    assert "(LIMITED: first 4 documents per task)" in out
+    results = saved["results"]
     assert results == json.loads(second.read_text())["results"]
     mc, last, gen = (results[t] for t in tasks)
     # a number, not lm-eval's "N/A" (what bootstrap_iters 0 gives); 0 when all 4 agree

@@ -108,7 +108,7 @@ def test_inspect_checkpoint(damaged_messages, capsys):
     assert _inspect(str(tmp / "full")) == 0
     out = capsys.readouterr().out
     for expected in ("kind        neox-l2e checkpoint", "iteration   2", "layout      tp 1  pp 1  dp 1  zero_stage 0  world_size 1  precision fp32",
-                     "model       layers 2  hidden 32  heads 4", "global batch 4 (micro 2 x accumulation 2)",
+                     "model       layers 2  hidden 32  heads 4", "global batch 4 (micro 2 x accumulation 2; configs/run_summary.yml)",
                      "L2E         layer 0: tau", "layer 1: tau", "checksums ok (sha256", "\nOK\n"):
         assert expected in out, expected
     assert _inspect(str(tmp / "truncated"), "--no-checksums") == 1

@@ -131,6 +131,7 @@ def test_wall_clock_breakdown_goes_to_the_log_line_not_every_micro_step(tmp_path
 class _FakeRun:
     def __init__(self, **kwargs):
         self.kwargs, self.logged = kwargs, []
+        self.id = kwargs.get("id") or "fresh-run-id"
         self.config = types.SimpleNamespace(update=lambda d, allow_val_change: self.logged.append(("config", d)))
 
     def log(self, metrics, step):
@@ -156,3 +157,122 @@ def test_wandb_gets_host_team_group_name_and_the_run_summary(tmp_path, monkeypat
     assert run.kwargs["config"]["lr"] == 1e-3  # derived values too
     assert ("config", {"run_summary": {"batch": {"global_batch": 4}}}) in run.logged
     assert any(step == 10 for step, _ in run.logged)
+
+
+class _Clock:
+    """A perf_counter the test advances: step times without sleeping."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_step_time_and_eta_count_training_steps_only(tmp_path, capsys, monkeypatch):
+    """Eval and save inside an interval are left out of ms/iteration and the ETA (and shown
+    beside them); the ETA follows a moving average, not the last interval alone."""
+    from megatron.training import logging as metrics_logging
+
+    clock = _Clock()
+    monkeypatch.setattr(metrics_logging.time, "perf_counter", clock)
+    logger = MetricsLogger(make_args(tmp_path, train_iters=40), GROUPS)
+    for it in range(1, 21):
+        clock.now += 1.0  # a 1 s training step
+        logger.log_step(it, step_metrics(1.0))
+        if it == 10:
+            with logger.outside_training("eval"):
+                clock.now += 100.0
+            with logger.outside_training("save"):
+                clock.now += 50.0
+    for it in range(21, 31):
+        clock.now += 4.0  # the machine got busy
+        logger.log_step(it, step_metrics(1.0))
+    logger.close()
+    first, second, third = read(tmp_path)
+    assert first["runtime/iteration_time"] == pytest.approx(1.0)
+    assert second["runtime/iteration_time"] == pytest.approx(1.0)  # not (10 + 150) / 10
+    assert (second["runtime/eval_seconds"], second["runtime/save_seconds"]) == (100.0, 50.0)
+    assert second["runtime/eta_seconds"] == pytest.approx(20 * 1.0)
+    assert third["runtime/iteration_time"] == pytest.approx((10 + 10 + 40) / 30)  # the window's mean
+    assert third["runtime/eta_seconds"] == pytest.approx(10 * 2.0)
+    assert "eval_seconds" not in third
+    out = capsys.readouterr().out.splitlines()
+    assert "not in the step time (s): eval 100.0, save 50.0" in out[1]
+    assert "elapsed time per iteration (ms): 1000.0" in out[1] and "not in the step time" not in out[2]
+    assert logger.training_seconds == pytest.approx(60.0)
+    assert logger.outside_totals == {"eval": 100.0, "save": 50.0}
+
+
+def test_console_line_shows_tau_and_selected_fraction_per_layer(tmp_path, capsys):
+    logger = MetricsLogger(make_args(tmp_path, log_interval=1), GROUPS)
+    logger.log_step(1, {**step_metrics(1.0), "l2e/tau/layer_12": 7.25, "l2e/selected_frac/layer_12": 0.0203,
+                        "l2e/tau/layer_2": 1.5, "l2e/selected_frac/layer_2": 0.0197})
+    logger.close()
+    out = capsys.readouterr().out
+    assert "layer 2 tau: 1.5 selected: 1.97% | layer 12 tau: 7.25 selected: 2.03%" in out
+
+
+def test_tensorboard_resume_continues_the_step_axis(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb_dir = tmp_path / "tb"
+    args = make_args(tmp_path, tensorboard_dir=str(tb_dir), log_interval=1)
+    first = MetricsLogger(args, GROUPS)
+    for it in (1, 2, 3):  # interrupted after step 3, last checkpoint at step 1
+        first.log_step(it, step_metrics(float(it)))
+    first.close()
+    resumed = MetricsLogger(args, GROUPS, start_iteration=1)
+    for it in (2, 3, 4):
+        resumed.log_step(it, step_metrics(10.0 * it))
+    resumed.close()
+    events = EventAccumulator(str(tb_dir))
+    events.Reload()
+    scalars = events.Scalars("train/lm_loss")
+    assert [e.step for e in scalars] == [1, 2, 3, 4]
+    assert [e.value for e in scalars] == [1.0, 20.0, 30.0, 40.0]
+
+
+def test_wandb_resume_continues_the_checkpoints_run(tmp_path, monkeypatch):
+    """The run id goes into the run summary; a logger started from a checkpoint whose
+    summary names it reopens that run in its group."""
+    wandb = pytest.importorskip("wandb")
+    import yaml
+
+    from megatron.training.summary import closing_summary
+
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: _FakeRun(**kwargs))
+    args = make_args(tmp_path, use_wandb=True, wandb_host="https://wandb.example.org", wandb_team=None,
+                     wandb_group="seeds", wandb_run_name=None, to_dict=lambda derived=False: {})
+    fresh = MetricsLogger(args, GROUPS)
+    assert "id" not in fresh.wandb.kwargs and fresh.wandb_run_id == "fresh-run-id"
+    checkpoint = tmp_path / "ckpt" / "global_step10"
+    (checkpoint / "configs").mkdir(parents=True)
+    (checkpoint / "configs" / "run_summary.yml").write_text(
+        yaml.safe_dump({"outputs": {"wandb_run_id": fresh.wandb_run_id}}))
+    resumed = MetricsLogger(args, GROUPS, start_iteration=10, checkpoint_dir=str(checkpoint))
+    kwargs = resumed.wandb.kwargs
+    assert (kwargs["id"], kwargs["resume"], kwargs["group"]) == ("fresh-run-id", "allow", "seeds")
+    args.save = str(tmp_path / "ckpt")
+    assert closing_summary(args, resumed, 10, 10, 1.0, None)["wandb_run_id"] == "fresh-run-id"
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_other_ranks_print_only_their_own_problems(rank, capsys):
+    import logging
+
+    from megatron.console import THIS_RANK, route_console_output
+
+    handler = route_console_output(rank)
+    log = logging.getLogger("megatron.test_console")
+    try:
+        log.warning("accepted, no effect here: shared config warning")
+        log.warning("this rank's own disk is short", extra=THIS_RANK)
+        log.error("this rank failed")
+    finally:
+        logging.getLogger().removeHandler(handler)
+    err = capsys.readouterr().err
+    prefix = "" if rank == 0 else "[rank 1] "
+    assert ("shared config warning" in err) == (rank == 0)
+    assert f"{prefix}this rank's own disk is short" in err and f"{prefix}this rank failed" in err

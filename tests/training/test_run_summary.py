@@ -118,6 +118,25 @@ def test_summary_block_has_the_right_numbers(tiny_run):
 
 
 @pytest.mark.slow  # shares one ~15 s training run (the tiny_run fixture)
+def test_start_says_scratch_and_the_end_summary_says_what_the_run_did(tiny_run):
+    console = tiny_run.console
+    assert "starting from scratch: no 'load' is set; fresh weights at step 0" in console
+    block = console.split("run finished", 1)[1].split("\n", 1)[1].rsplit("\n---", 1)[0]
+    closing = yaml.safe_load(block)
+    assert closing["steps"] == {"from": 0, "to": 2, "this_run": 2, "of": 2}
+    assert closing["tokens_this_run"] == 2 * 4 * 32
+    rows = [json.loads(line) for line in (tiny_run.path / "logs" / "metrics.jsonl").read_text().splitlines()]
+    last_train = [r for r in rows if "train/lm_loss" in r][-1]
+    assert closing["final_train_lm_loss"] == {"iteration": 2, "value": round(last_train["train/lm_loss"], 6)}
+    assert closing["final_valid_lm_loss"] is None  # eval_interval 0
+    assert closing["checkpoint"] == str(tiny_run.path / "ckpt" / "global_step2")
+    assert closing["metrics"] == str(tiny_run.path / "logs" / "metrics.jsonl")
+    seconds = closing["seconds"]
+    assert set(seconds) == {"wall", "training_steps", "save"}  # no load: nothing was loaded
+    assert 0 < seconds["training_steps"] + seconds["save"] <= seconds["wall"]
+
+
+@pytest.mark.slow  # shares one ~15 s training run (the tiny_run fixture)
 def test_metrics_rows_have_timestamp_consumed_samples_and_timers(tiny_run):
     rows = [json.loads(line) for line in (tiny_run.path / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows] == [1, 2]
@@ -207,3 +226,28 @@ def test_per_parameter_logging_that_zero_shards_is_a_one_line_error(key, stage, 
                                    module=torch.nn.Linear(2, 2))
     with pytest.raises(ConfigError, match=match):
         StepNorms(args, engine, ParallelGroups.single())
+
+
+def test_inspect_checkpoint_reads_the_batch_the_run_recorded(tmp_path):
+    """A checkpoint saved by a resumed run on fewer ranks: its configs/ re-derive batch 4
+    for one rank, its own record says 8 = 4 x 2; inspect shows the record (the run summary,
+    else DeepSpeed's ds_config) and says where it read it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("inspect_ckpt", ROOT / "tools" / "ckpts" / "inspect_checkpoint.py")
+    inspect = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(inspect)
+    args = _args({"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1})
+    assert args.train_batch_size == 4
+    (tmp_path / "configs").mkdir()
+    ds_config = {"train_batch_size": 12, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 3}
+    info = types.SimpleNamespace(meta={"ds_config": ds_config})
+    summary = tmp_path / "configs" / "run_summary.yml"
+    summary.write_text(yaml.safe_dump({"batch": {"micro_batch": 4, "gradient_accumulation": 2, "global_batch": 8}}))
+    line = inspect.config_summary(args, inspect.recorded_batch(tmp_path, info))
+    assert "global batch 8 (micro 4 x accumulation 2; configs/run_summary.yml)" in line
+    summary.unlink()
+    line = inspect.config_summary(args, inspect.recorded_batch(tmp_path, info))
+    assert "global batch 12 (micro 4 x accumulation 3; DeepSpeed's ds_config)" in line
+    line = inspect.config_summary(args, inspect.recorded_batch(tmp_path, types.SimpleNamespace(meta={})))
+    assert "global batch 4 (micro 4 x accumulation 1; no record" in line

@@ -15,11 +15,14 @@ import argparse
 import sys
 from pathlib import Path
 
+import yaml
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a source checkout
 
 from megatron.checkpoint_format import (  # noqa: E402
     LAYER_FILE, MP_FILE, checkpoint_neox_args, layer_prefixes, resolve_step_dir,
 )
+from megatron.config.loading import SUMMARY_FILE  # noqa: E402
 from megatron.errors import UserError, cli_main  # noqa: E402
 from megatron import checkpoint_files as files  # noqa: E402
 
@@ -30,13 +33,32 @@ KIND_TEXT = {
 }
 
 
-def config_summary(args) -> str:
+def recorded_batch(step: Path, info) -> tuple[tuple[int, int, int], str] | None:
+    """(global, micro, accumulation) as the run that saved the checkpoint had them, and
+    where that was read: its run summary, else DeepSpeed's copy of its config. The config
+    files alone cannot say: the batch they give depends on the world they are loaded in."""
+    summary = step / "configs" / SUMMARY_FILE
+    if summary.is_file():
+        batch = (yaml.safe_load(summary.read_text()) or {}).get("batch") or {}
+        if None not in (got := tuple(batch.get(k) for k in ("global_batch", "micro_batch", "gradient_accumulation"))):
+            return got, f"configs/{SUMMARY_FILE}"
+    ds_config = info.meta.get("ds_config") or {}
+    keys = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+    if None not in (got := tuple(ds_config.get(k) for k in keys)):
+        return got, "DeepSpeed's ds_config"
+    return None
+
+
+def config_summary(args, batch: tuple[tuple[int, int, int], str] | None) -> str:
     if args is None:
         return "no configs/*.yml (shape from the mp_rank args summary)"
-    return (f"train_iters {args.train_iters}, global batch {args.train_batch_size} (micro "
-            f"{args.train_micro_batch_size_per_gpu} x accumulation {args.gradient_accumulation_steps}), "
-            f"seq {args.seq_length}, lr {args.lr} {args.lr_decay_style} (warmup {args.warmup}, min {args.min_lr}), "
-            f"precision {args.precision}, tokenizer {args.tokenizer_type} {args.vocab_file or ''}".rstrip()
+    if batch is None:
+        batch = ((args.train_batch_size, args.train_micro_batch_size_per_gpu, args.gradient_accumulation_steps),
+                 "no record: re-derived from configs/, which may not be the run's world")
+    (global_batch, micro, accumulation), source = batch
+    return (f"train_iters {args.train_iters}, global batch {global_batch} (micro {micro} x accumulation "
+            f"{accumulation}; {source}), seq {args.seq_length}, lr {args.lr} {args.lr_decay_style} "
+            f"(warmup {args.warmup}, min {args.min_lr}), precision {args.precision}, tokenizer {args.tokenizer_type} {args.vocab_file or ''}".rstrip()
             + f", l2e {'on' if args.l2e.enabled else 'off'}")
 
 
@@ -121,7 +143,7 @@ def main(argv=None) -> int:
         run_args = checkpoint_neox_args(step)
     except UserError as e:
         problems.append(f"{step / 'configs'}: {e}")
-    print(f"config      {config_summary(run_args)}")
+    print(f"config      {config_summary(run_args, recorded_batch(step, info))}")
     print(f"state       optimizer {'yes' if info.has_optimizer else 'no'}, RNG {'yes' if info.has_rng else 'no'}")
     l2e = l2e_summary(info) if info.kind == "full" else []
     print("L2E         " + ("\n            ".join(l2e) if l2e else "none"))
