@@ -213,7 +213,7 @@ def check_planned_saves(args, start: int) -> None:
             f"save: {args.save} already holds {_tags(clashes)}, which this run (from step {start}) would "
             f"replace; give it another 'save' directory, resume from the newest step, or set "
             f"overwrite_checkpoints: true to replace them")
-    if newer and start > 0:
+    if newer and start > 0 and (not dist.is_initialized() or dist.get_rank() == 0):
         print(f"rollback: resuming at step {start} keeps the newer {_tags(newer)} in {args.save} untouched "
               f"(never pruned or replaced; 'latest' moves to this run's checkpoints)", flush=True)
 
