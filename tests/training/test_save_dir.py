@@ -49,10 +49,12 @@ def test_divergence_keeps_names_and_resumes_from_the_last_trustworthy_checkpoint
     good = tiny_overrides(tmp_path, checkpoint_factor=10, log_interval=10)
     # lr 1000 from the healthy step 10: step 11 wrecks the weights, every later step is
     # skipped as non-finite, and checkpoints keep coming every 2 steps (finite, garbage).
-    diverge = tiny_overrides(tmp_path, load=str(save), checkpoint_factor=2, keep_last_n_checkpoints=2,
-                             train_iters=30, lr_decay_iters=30, override_lr_scheduler=True, optimizer=_adam(1000.0))
-    resume = tiny_overrides(tmp_path, load=str(save), iteration=10, train_iters=14, log_interval=1)
-    (results,) = run_distributed(_pretrain_each, world_size=1, args=([good, diverge],), init_deepspeed=True,
+    diverge = tiny_overrides(tmp_path, load=str(save), checkpoint_factor=2, keep_last_n_checkpoints=2, nan_tolerance=4,
+                             train_iters=20, lr_decay_iters=20, override_lr_scheduler=True, optimizer=_adam(1000.0))
+    # the garbage global_step14 is replaced on purpose
+    resume = tiny_overrides(tmp_path, load=str(save), iteration=10, train_iters=14, log_interval=1,
+                            overwrite_checkpoints=True)
+    (results,) = run_distributed(_pretrain_each, world_size=1, args=([good, diverge, resume],), init_deepspeed=True,
                                  timeout=600)
     error = results[1]
     assert isinstance(error, str) and error.startswith("training diverged"), error
@@ -60,11 +62,11 @@ def test_divergence_keeps_names_and_resumes_from_the_last_trustworthy_checkpoint
     verdicts = json.loads((save / "checkpoint_health.json").read_text())
     assert verdicts["global_step10"]["healthy"] and verdicts["global_step10"]["next_step_ok"]
     assert not verdicts["global_step12"]["healthy"] and "non-finite" in verdicts["global_step12"]["problems"][0]
+    assert "iteration 15" in error  # 4 non-finite steps after the one that wrecked the weights
     kept = _steps(save)
-    assert kept[0] == "global_step10" and len(kept) == 3  # the last two, plus the trustworthy one
-    assert (save / "latest").read_text() != "global_step10"
-    (resumed,) = run_distributed(_pretrain_each, world_size=1, args=([resume],), init_deepspeed=True, timeout=600)
-    losses = resumed[0]["lm_loss"]
+    assert kept == ["global_step10", "global_step12", "global_step14"]  # the last two + the trustworthy one
+    assert (save / "latest").read_text() == kept[-1] != "global_step10"
+    losses = results[2]["lm_loss"]  # resumed from global_step10 at the config's lr
     assert len(losses) == 4 and all(abs(x - results[0]["lm_loss"][-1]) < 1.0 for x in losses), losses
     assert json.loads((save / "checkpoint_health.json").read_text())["global_step14"]["healthy"]
 
