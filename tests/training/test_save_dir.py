@@ -13,9 +13,15 @@ from pathlib import Path
 import pytest
 
 from distributed import run_distributed
+from megatron.launcher import free_port
 from test_resume import ROOT, TINY, tiny_overrides
 
 ENV = dict(os.environ, PYTHONPATH=str(ROOT), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", WANDB_MODE="disabled")
+
+
+def _env() -> dict:
+    """A world of one on its own port (other runs may hold the default one)."""
+    return dict(ENV, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
 WAIT_S = 240  # bound on any one process here: a hang fails the test instead of blocking CI
 
 
@@ -134,14 +140,14 @@ def test_second_run_on_a_save_dir_is_refused_naming_the_holder_and_the_first_fin
     ready, go = tmp_path / "ready", tmp_path / "go"
     script = HOLD_AT_STEP_1.format(tests=str(ROOT / "tests" / "training"), ready=str(ready), go=str(go),
                                    wait=WAIT_S, tiny=TINY, overrides=overrides)
-    first = subprocess.Popen([sys.executable, "-c", script], env=ENV, text=True,
+    first = subprocess.Popen([sys.executable, "-c", script], env=_env(), text=True,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         _wait_for(ready, first)
-        flat = [f"{k}={json.dumps(v)}" for k, v in overrides.items() if k != "l2e"]
-        second = subprocess.run([sys.executable, str(ROOT / "train.py"), TINY, "--override", *flat,
-                                 "log_dir=" + json.dumps(str(tmp_path / "logs2"))],
-                                env=ENV, capture_output=True, text=True, timeout=WAIT_S)
+        copied = {**overrides, "log_dir": str(tmp_path / "logs2")}  # the same save: a copy-pasted config
+        flat = [f"{k}={json.dumps(v)}" for k, v in copied.items() if k != "l2e"]
+        second = subprocess.run([sys.executable, str(ROOT / "train.py"), TINY, "--override", *flat],
+                                env=_env(), capture_output=True, text=True, timeout=WAIT_S)
         go.touch()
         out, err = first.communicate(timeout=WAIT_S)
     finally:
