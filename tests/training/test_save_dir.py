@@ -203,8 +203,45 @@ def test_lock_from_another_node_is_live_until_its_heartbeat_is_stale(tmp_path):
     lock.release()
 
 
+def _lock_on_every_rank(rank, world_size, save):
+    from types import SimpleNamespace
+
+    from megatron.training.save_dir import SaveDirBusyError, lock_save_dir
+
+    try:
+        lock_save_dir(SimpleNamespace(save=save))
+    except SaveDirBusyError as e:
+        return str(e)
+    return None
+
+
+@pytest.mark.distributed
+def test_every_rank_fails_together_when_rank_0_cannot_take_the_lock(tmp_path):
+    now = time.time()
+    (tmp_path / "writer.lock").write_text(json.dumps({"host": "node-elsewhere", "pid": 7, "since": now,
+                                                      "heartbeat": now}))
+    messages = run_distributed(_lock_on_every_rank, world_size=2, args=(str(tmp_path),), timeout=120)
+    assert messages[0] == messages[1] and "host node-elsewhere, pid 7" in messages[0]
+
+
 # ---------------------------------------------------------------------------
 # never overwrite progress
+
+
+def test_a_converters_step_inside_a_run_is_never_replaced_by_the_run(tmp_path):
+    from megatron.config import NeoXArgs
+    from megatron.training.save_dir import OverwriteError, check_planned_saves
+
+    # what `convert_hf_to_neox.py --output RUN --iteration 6 --force` leaves beside the run's steps
+    for step in (2, 4, 6):
+        (tmp_path / "full" / f"global_step{step}").mkdir(parents=True)
+    args = NeoXArgs.from_ymls([TINY], overrides=tiny_overrides(tmp_path, train_iters=8, checkpoint_factor=2))
+    with pytest.raises(OverwriteError, match="already holds global_step6, which this run .from step 4. would replace"):
+        check_planned_saves(args, 4)
+    args.overwrite_checkpoints = True
+    check_planned_saves(args, 4)  # replacing them on purpose
+
+
 
 
 @pytest.mark.slow
