@@ -146,10 +146,11 @@ def _run_eval_tasks(args, trainer, groups, tokenizer) -> dict:
 
 def pretrain(args) -> dict:
     """Train ``args`` to ``train_iters``; returns the per-step lm losses and final iteration."""
-    from megatron.training import save_dir
+    from megatron.training import preflight, save_dir
 
     _check_runtime_settings(args)
     init_distributed()
+    preflight.check_paths(args)  # an unwritable save is named before the lock tries to write there
     lock = save_dir.lock_save_dir(args)  # one writer per save directory, for the whole run
     try:
         return _pretrain(args)
@@ -170,7 +171,6 @@ def _pretrain(args) -> dict:
     set_seeds(args.seed)
     tokenizer = build_tokenizer(args)
     args.set_vocab_size(tokenizer.vocab_size)
-    preflight.check_paths(args)
     preflight.check_data_on_rank0(args, args.padded_vocab_size)
     trainer = build_trainer(args, groups)
     preflight.check_disk_space(args, preflight.model_parameter_count(trainer.engine, groups.dp_size))
