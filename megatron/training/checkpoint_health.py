@@ -4,7 +4,7 @@ A checkpoint at step K is **trustworthy** when, since the previous checkpoint,
 
 * no step was non-finite (NaN/inf loss or gradients, skipped or not), and
 * no step's loss exceeded ``LOSS_SPIKE_FACTOR`` x the mean of the last
-  ``BASELINE_STEPS`` healthy steps' losses (the baseline travels with the checkpoint,
+  ``BASELINE_STEPS`` finite steps' losses (the baseline travels with the checkpoint,
   so a resumed run judges its first steps against the run it continues), and
 * the first step after it did not show K's weights broken: that step's loss is
   computed on exactly the saved weights, so a non-finite or spiked loss there revokes
@@ -85,7 +85,7 @@ class CheckpointHealth:
 
     def __init__(self, save_dir: str | None, is_writer: bool):
         self.save_dir, self.is_writer = save_dir, is_writer
-        self.baseline = deque(maxlen=BASELINE_STEPS)
+        self.baseline = deque(maxlen=BASELINE_STEPS)  # the last finite steps' losses
         self.problems: list[str] = []
         self.last_good: str | None = None
         self._good_before_pending: str | None = None
@@ -112,7 +112,7 @@ class CheckpointHealth:
             self.problems.append(f"step {iteration} non-finite")
         elif loss_bad:
             self.problems.append(f"step {iteration} loss {loss:.4g} > {LOSS_SPIKE_FACTOR} x recent mean {mean:.4g}")
-        else:
+        if not nonfinite and math.isfinite(loss):  # spikes too: a loss that stays at a new level is the norm
             self.baseline.append(loss)
         if self._pending is not None:  # this step's loss was computed on the pending checkpoint's weights
             self._confirm(self._pending, not loss_bad)

@@ -101,6 +101,10 @@ def test_loss_spike_and_nonfinite_steps_make_a_checkpoint_untrusted_and_revoke_t
     tracker2.baseline.extend([3.0] * 5)
     tracker2.observe(1, 3.0 * health.LOSS_SPIKE_FACTOR + 0.1, nonfinite=False)
     assert "recent mean" in tracker2.verdict()["problems"][0]
+    tracker2.saved(str(tmp_path / "global_step1"), tracker2.verdict())
+    for step in range(2, 6):  # the loss stays at its new level: that level becomes the norm
+        tracker2.observe(step, 3.0 * health.LOSS_SPIKE_FACTOR + 0.1, nonfinite=False)
+    assert tracker2.verdict()["healthy"]
     assert health.protected_tags(str(tmp_path)) == {"global_step4"}
 
 
