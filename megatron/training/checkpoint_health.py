@@ -55,17 +55,20 @@ def _step(tag: str) -> int:
     return int(tag[len("global_step"):])
 
 
+def _newest(directory: str, confirmed: bool = False, below: int | None = None) -> str | None:
+    """The newest trustworthy tag present in ``directory`` (confirmed by its next step, below a step)."""
+    verdicts = read_verdicts(directory)
+    for tag in sorted(verdicts, key=_step, reverse=True):
+        record = verdicts[tag]
+        if (below is None or _step(tag) < below) and trusted(record) and (record.get("next_step_ok") or not confirmed) \
+                and os.path.isdir(os.path.join(directory, tag)):
+            return tag
+    return None
+
+
 def protected_tags(directory: str) -> set[str]:
     """Tags pruning must keep: the newest trustworthy checkpoint and the newest confirmed one."""
-    verdicts = {tag: r for tag, r in read_verdicts(directory).items() if os.path.isdir(os.path.join(directory, tag))}
-    by_step = sorted(verdicts, key=_step, reverse=True)
-    keep = set()
-    newest_trusted = next((t for t in by_step if trusted(verdicts[t])), None)
-    newest_confirmed = next((t for t in by_step if trusted(verdicts[t]) and verdicts[t].get("next_step_ok")), None)
-    for tag in (newest_trusted, newest_confirmed):
-        if tag is not None:
-            keep.add(tag)
-    return keep
+    return {tag for tag in (_newest(directory), _newest(directory, confirmed=True)) if tag is not None}
 
 
 def record_verdict(directory: str, tag: str, verdict: dict) -> None:
@@ -96,13 +99,15 @@ class CheckpointHealth:
         record = read_verdicts(directory).get(tag)
         self.baseline.extend((record or {}).get("baseline", []))
         path = os.path.join(directory, tag)
-        if trusted(record):
-            self.last_good = path
-            if self.save_dir and os.path.abspath(directory) == os.path.abspath(self.save_dir):
-                self._pending = path  # the first step confirms or revokes it, as in the run that saved it
-        elif self.save_dir:  # resumed on purpose from an untrusted one: the best left in save
-            newest = sorted(protected_tags(self.save_dir), key=_step)
-            self.last_good = os.path.join(self.save_dir, newest[-1]) if newest else None
+        earlier = _newest(self.save_dir, below=_step(tag)) if self.save_dir else None
+        earlier = os.path.join(self.save_dir, earlier) if earlier else None
+        if not trusted(record):  # resumed on purpose from an untrusted one: the best before it
+            self.last_good = earlier
+            return
+        self.last_good = path
+        if self.save_dir and os.path.abspath(directory) == os.path.abspath(self.save_dir):
+            self._pending = path  # the first step confirms or revokes it, as in the run that saved it
+            self._good_before_pending = earlier
 
     def observe(self, iteration: int, loss: float, nonfinite: bool) -> None:
         loss = float(loss)
