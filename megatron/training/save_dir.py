@@ -4,9 +4,9 @@
 local disks and on NFS v3+/Lustre/GPFS, unlike ``flock``, which NFS may not carry
 across nodes) holding its host, PID, start time and a heartbeat that a daemon thread
 refreshes every ``HEARTBEAT_S`` seconds. A lock is stale, and is taken over, when its
-holder ran on this host and its PID is gone (``kill -9``), or when its heartbeat is
-older than ``STALE_AFTER_S`` (a holder on another node that died with its node). Any
-other holder refuses the run in one line naming it.
+holder ran on this host and its PID is gone (``kill -9``), or, for a holder on another
+node (a requeued job landing elsewhere), when its heartbeat does not move while we
+watch it for ``WATCH_S`` seconds. Any live holder refuses the run in one line naming it.
 
 **Overwrites.** A step that already exists in ``save`` is never replaced unless
 ``overwrite_checkpoints: true``; a run that would reach one (a rollback with
@@ -30,9 +30,11 @@ log = logging.getLogger(__name__)
 
 LOCK_NAME = "writer.lock"
 HEARTBEAT_S = 30
-# Ten missed heartbeats: a live holder on a stalled filesystem is not mistaken for a dead one.
-STALE_AFTER_S = 300
-
+# A holder on another node cannot be asked whether it lives: watch its heartbeat for this
+# long (two and a half beats) and take the lock over if it never moves. Comparing the
+# file's own values needs no agreement between the nodes' clocks.
+WATCH_S = 75
+POLL_S = 5
 
 class SaveDirBusyError(CheckpointError):
     """Another live run holds the save directory's writer lock."""
@@ -60,15 +62,26 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def stale_reason(holder: dict, now: float | None = None) -> str | None:
-    """Why the lock described by ``holder`` may be taken over, or None while it is live."""
-    now = time.time() if now is None else now
-    if holder.get("host") == socket.gethostname() and not _pid_alive(int(holder.get("pid", -1))):
-        return f"its process {holder.get('pid')} on this host is gone"
-    age = now - float(holder.get("heartbeat", 0))
-    if age > STALE_AFTER_S:
-        return f"its heartbeat is {age:.0f} s old (> {STALE_AFTER_S} s)"
-    return None
+def _watch(path: str, holder: dict) -> tuple[str | None, dict | None]:
+    """(why the lock is stale or None, the holder now): None when its heartbeat moved."""
+    print(f"save: {path} is held by host {holder.get('host')} pid {holder.get('pid')}; watching its heartbeat "
+          f"for up to {WATCH_S} s", flush=True)
+    deadline = time.monotonic() + WATCH_S
+    while time.monotonic() < deadline:
+        time.sleep(POLL_S)
+        now = _read_holder(path)
+        if now != holder:  # released (None) or alive and beating
+            return None, now
+    return f"its heartbeat did not move for {WATCH_S} s", holder
+
+
+def stale_reason(path: str, holder: dict) -> tuple[str | None, dict | None]:
+    """(why the lock may be taken over, or None while it is live; the holder now)."""
+    if holder.get("host") != socket.gethostname():
+        return _watch(path, holder)
+    if not _pid_alive(int(holder.get("pid", -1))):
+        return f"its process {holder.get('pid')} on this host is gone", holder
+    return None, holder
 
 
 class SaveDirLock:
@@ -96,7 +109,9 @@ class SaveDirLock:
                     holder = _read_holder(self.path)
                     if holder is None:
                         continue
-                reason = stale_reason(holder)
+                reason, holder = stale_reason(self.path, holder)
+                if holder is None:  # released while we watched
+                    continue
                 if reason is None:
                     raise SaveDirBusyError(self._busy_line(holder)) from None
                 log.warning("save: taking over %s (%s)", self.path, reason)
@@ -115,8 +130,8 @@ class SaveDirLock:
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(holder.get("since", 0))))
         return (f"save: {self.directory} is in use by another run (host {holder.get('host')}, pid "
                 f"{holder.get('pid')}, since {since}); give this run another 'save' directory, or, once "
-                f"that run is surely gone, delete {self.path} (a dead holder is taken over by itself: at once "
-                f"on its host, after {STALE_AFTER_S} s without heartbeat elsewhere)")
+                f"that run is surely gone, delete {self.path} (a dead holder's lock is taken over by itself: at "
+                f"once on its host, elsewhere when its heartbeat stops for {WATCH_S} s)")
 
     def _remove_if(self, holder: dict) -> None:
         """Delete the lock file if it still holds ``holder`` (not one re-taken meanwhile)."""

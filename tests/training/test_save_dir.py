@@ -192,19 +192,38 @@ def test_lock_of_a_killed_holder_is_taken_over(tmp_path):
     assert not (tmp_path / "writer.lock").exists()
 
 
-def test_lock_from_another_node_is_live_until_its_heartbeat_is_stale(tmp_path):
-    from megatron.training.save_dir import STALE_AFTER_S, SaveDirBusyError, SaveDirLock
+def test_lock_from_another_node_is_live_while_its_heartbeat_moves(tmp_path, monkeypatch):
+    import threading
 
-    now = time.time()
-    foreign = {"host": "node-elsewhere", "pid": 1, "since": now - 3600, "heartbeat": now - 10}
-    (tmp_path / "writer.lock").write_text(json.dumps(foreign))
-    with pytest.raises(SaveDirBusyError, match="host node-elsewhere, pid 1"):
-        SaveDirLock(str(tmp_path)).acquire()
-    (tmp_path / "writer.lock").write_text(json.dumps({**foreign, "heartbeat": now - STALE_AFTER_S - 1}))
-    lock = SaveDirLock(str(tmp_path))
+    from megatron.training import save_dir
+    from megatron.training.save_dir import SaveDirBusyError, SaveDirLock
+
+    monkeypatch.setattr(save_dir, "WATCH_S", 1.0)  # 75 s in a real run
+    monkeypatch.setattr(save_dir, "POLL_S", 0.1)
+    lock_file = tmp_path / "writer.lock"
+    foreign = {"host": "node-elsewhere", "pid": 1, "since": time.time() - 3600}
+    lock_file.write_text(json.dumps({**foreign, "heartbeat": 0}))
+    stop = threading.Event()
+
+    def beat():  # the holder on the other node is alive
+        beats = 0
+        while not stop.wait(0.02):
+            beats += 1
+            lock_file.write_text(json.dumps({**foreign, "heartbeat": beats}))
+
+    beating = threading.Thread(target=beat)
+    beating.start()
+    try:
+        with pytest.raises(SaveDirBusyError, match="host node-elsewhere, pid 1, since"):
+            SaveDirLock(str(tmp_path)).acquire()
+    finally:
+        stop.set()
+        beating.join()
+    lock = SaveDirLock(str(tmp_path))  # its heartbeat stopped: the node died
     lock.acquire()
-    assert json.loads((tmp_path / "writer.lock").read_text())["host"] == socket.gethostname()
+    assert json.loads(lock_file.read_text())["host"] == socket.gethostname()
     lock.release()
+    assert not lock_file.exists()
 
 
 def _lock_on_every_rank(rank, world_size, save):
@@ -221,11 +240,12 @@ def _lock_on_every_rank(rank, world_size, save):
 
 @pytest.mark.distributed
 def test_every_rank_fails_together_when_rank_0_cannot_take_the_lock(tmp_path):
+    # a holder on this host that is alive (the test itself): refused without watching a heartbeat
     now = time.time()
-    (tmp_path / "writer.lock").write_text(json.dumps({"host": "node-elsewhere", "pid": 7, "since": now,
-                                                      "heartbeat": now}))
+    (tmp_path / "writer.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                                                      "since": now, "heartbeat": now}))
     messages = run_distributed(_lock_on_every_rank, world_size=2, args=(str(tmp_path),), timeout=120)
-    assert messages[0] == messages[1] and "host node-elsewhere, pid 7" in messages[0]
+    assert messages[0] == messages[1] and f"pid {os.getpid()}, since" in messages[0]
 
 
 # ---------------------------------------------------------------------------
