@@ -209,7 +209,8 @@ def test_lock_from_another_node_is_live_while_its_heartbeat_moves(tmp_path, monk
         beats = 0
         while not stop.wait(0.02):
             beats += 1
-            lock_file.write_text(json.dumps({**foreign, "heartbeat": beats}))
+            (tmp_path / "beat.new").write_text(json.dumps({**foreign, "heartbeat": beats}))
+            os.replace(tmp_path / "beat.new", lock_file)  # atomic, as the real heartbeat
 
     beating = threading.Thread(target=beat)
     beating.start()
