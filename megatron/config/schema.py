@@ -208,6 +208,8 @@ class CheckpointArgs:
     iteration: Optional[int] = arg(None, "Load this iteration instead of `latest`; with an "
                                          "HF directory as `load`, the step the weights are "
                                          "from (training continues at iteration + 1).")
+    overwrite_checkpoints: bool = arg(False, "Ours: let this run replace checkpoints that already "
+                                             "exist in `save` (refused by default, before step 1).")
     checkpoint_verify: bool = arg(True, "Ours: check every file of a checkpoint against its "
                                         "checksums.json before loading it.")
     config_files: Optional[dict] = arg(None, "Raw YAML texts by file name; filled by the "

@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 from megatron.errors import CheckpointError
 from megatron import checkpoint_files as files
-from megatron.training import elastic
+from megatron.training import checkpoint_health, elastic
 from megatron.training import load_weights as weights
 
 log = logging.getLogger(__name__)
@@ -212,9 +212,17 @@ def list_checkpoints(directory: str) -> list[tuple[int, str]]:
 
 
 def _prune(directory: str, keep: int) -> None:
+    """Keep the newest ``keep`` up to ``latest``, plus the newest trustworthy checkpoint
+    (checkpoint_health) and, after a rollback, every checkpoint newer than ``latest``."""
     latest = _read_latest(directory)
-    old = [tag for _, tag in list_checkpoints(directory) if tag != latest]
+    match = _TAG_RE.match(latest or "")
+    latest_step = int(match.group(1)) if match else None
+    old = [tag for it, tag in list_checkpoints(directory)
+           if tag != latest and (latest_step is None or it < latest_step)]
+    protected = checkpoint_health.protected_tags(directory)
     for tag in old[: max(0, len(old) - (keep - 1))]:
+        if tag in protected:
+            continue
         log.info("keep_last_n_checkpoints=%d: removing %s", keep, tag)
         shutil.rmtree(os.path.join(directory, tag))
 
@@ -279,8 +287,9 @@ def _copy_tokenizer(args, ckpt_dir: str) -> None:
         shutil.copyfile(path, os.path.join(ckpt_dir, TOKENIZER_DIR, os.path.basename(path)))
 
 
-def save_checkpoint(args, iteration: int, engine, groups, l2e=None) -> str:
+def save_checkpoint(args, iteration: int, engine, groups, l2e=None, verdict: dict | None = None) -> str:
     """Save everything needed to resume at ``iteration``; returns the checkpoint dir.
+    ``verdict``: checkpoint_health's judgement of it, recorded beside ``latest``.
 
     Every rank must call this (DeepSpeed and the barriers are collective). ``groups``
     places this rank in the ``layout`` its mp_rank file records (read on resume elsewhere).
@@ -318,6 +327,8 @@ def save_checkpoint(args, iteration: int, engine, groups, l2e=None) -> str:
 
     if rank == 0:
         _publish(directory, tmp_tag, tag)
+        if verdict is not None:
+            checkpoint_health.record_verdict(directory, tag, verdict)
         if args.keep_last_n_checkpoints:
             _prune(directory, args.keep_last_n_checkpoints)
         print(f"saved checkpoint {os.path.join(directory, tag)}", flush=True)

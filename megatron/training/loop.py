@@ -147,20 +147,32 @@ def _run_eval_tasks(args, trainer, groups, tokenizer) -> dict:
 
 def pretrain(args) -> dict:
     """Train ``args`` to ``train_iters``; returns the per-step lm losses and final iteration."""
-    from megatron.data.data_utils import build_train_valid_test_datasets, make_data_iterator
-    from megatron.parallel import ParallelGroups
-    from megatron.tokenizer import build_tokenizer
-    from megatron.training import checkpointing, logging, preflight, profiling, robustness, summary
+    from megatron.training import preflight, save_dir
 
     started = time.perf_counter()
     _check_runtime_settings(args)
     init_distributed()
+    preflight.check_paths(args)  # an unwritable save is named before the lock tries to write there
+    lock = save_dir.lock_save_dir(args)  # one writer per save directory, for the whole run
+    try:
+        return _pretrain(args, started)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _pretrain(args, started: float) -> dict:
+    from megatron.data.data_utils import build_train_valid_test_datasets, make_data_iterator
+    from megatron.parallel import ParallelGroups
+    from megatron.tokenizer import build_tokenizer
+    from megatron.training import checkpointing, logging, preflight, profiling, robustness, save_dir, summary
+    from megatron.training.checkpoint_health import CheckpointHealth
+
     args.configure_world(dist.get_world_size())
     groups = ParallelGroups.build(max(1, args.pipe_parallel_size), args.model_parallel_size)
     set_seeds(args.seed)
     tokenizer = build_tokenizer(args)
     args.set_vocab_size(tokenizer.vocab_size)
-    preflight.check_paths(args)
     preflight.check_data_on_rank0(args, args.padded_vocab_size)
     trainer = build_trainer(args, groups)
     preflight.check_disk_space(args, preflight.model_parameter_count(trainer.engine, groups.dp_size))
@@ -168,6 +180,7 @@ def pretrain(args) -> dict:
     load_started = time.perf_counter()
     iteration = checkpointing.load_checkpoint(args, trainer.engine, groups, l2e=trainer.l2e)
     load_seconds = time.perf_counter() - load_started
+    save_dir.check_planned_saves(args, iteration)
     train_ds, valid_ds, test_ds = build_train_valid_test_datasets(args)
     pipe = trainer.is_pipe
 
@@ -189,17 +202,23 @@ def pretrain(args) -> dict:
     summary.announce(args, tokenizer.vocab_size, (train_ds, valid_ds, test_ds), logger)
     profiler = profiling.StepProfiler(args)
     guard = robustness.NonFiniteLossGuard(args)
+    health = CheckpointHealth(args.save, is_writer=dist.get_rank() == 0)
     if resumed_from:
-        guard.last_checkpoint = loaded
+        health.start_from(args.load, checkpointing.checkpoint_tag(iteration))
+        guard.last_checkpoint = health.last_good
     preemption = robustness.PreemptionHandler()
     losses, last_saved, start = [], None, iteration
 
     def save(at):
         nonlocal last_saved
         with logger.outside_training("save"):
-            robustness.check_finite_weights(trainer.engine, at, guard.last_checkpoint)
-            path = checkpointing.save_checkpoint(args, at, trainer.engine, groups, l2e=trainer.l2e)
-            guard.last_checkpoint = path
+            save_dir.check_save_step(args, at)
+            robustness.check_finite_weights(trainer.engine, at, health.last_good)
+            verdict = health.verdict()
+            path = checkpointing.save_checkpoint(args, at, trainer.engine, groups, l2e=trainer.l2e,
+                                                 verdict=verdict)
+            health.saved(path, verdict)
+            guard.last_checkpoint = health.last_good
             last_saved = at
             if args.checkpoint_validation_with_forward_pass:
                 validate_checkpoint(args, trainer, groups, path, tokenizer.vocab_size)
@@ -212,6 +231,8 @@ def pretrain(args) -> dict:
             metrics = train_step(trainer, train_batches, iteration, groups.dp_group,
                                  log=_l2e_diagnostics_step(args, iteration + 1))
             iteration += 1
+            health.observe(iteration, metrics["lm_loss"], metrics["nonfinite"])
+            guard.last_checkpoint = health.last_good
             guard.check(iteration, metrics["lm_loss"], metrics["skipped"], metrics["nonfinite"])
             losses.append(metrics["lm_loss"])
             logger.log_step(iteration, _step_metrics(trainer, metrics, guard))
@@ -222,7 +243,7 @@ def pretrain(args) -> dict:
                 save(iteration)
             if preemption.requested() or (args.exit_interval and iteration - start >= args.exit_interval):
                 break
-        if args.save and last_saved != iteration:
+        if args.save and last_saved != iteration and iteration > start:  # nothing trained: nothing to save
             save(iteration)
         summary.announce_end(args, logger, start, iteration, time.perf_counter() - started,
                              guard.last_checkpoint if last_saved is not None else None)

@@ -76,7 +76,9 @@ def train_all(out: Path, seeds, jobs: int, reuse: bool) -> dict:
             d = run_dir(out, variant, seed)
             d.mkdir(parents=True, exist_ok=True)
             cmd = [sys.executable, str(ROOT / "train.py"), str(TINY), "--override", f"seed={seed}",
-                   f"log_dir={d / 'logs'}", f"save={d / 'checkpoints'}", *VARIANTS[variant]]
+                   f"log_dir={d / 'logs'}", f"save={d / 'checkpoints'}",
+                   "overwrite_checkpoints=true",  # a rerun without --reuse retrains these runs on purpose
+                   *VARIANTS[variant]]
             env = {**os.environ, "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
             log = open(d / "train.log", "w")
             running[variant, seed] = (subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT),
