@@ -7,7 +7,7 @@ deepy passes (only non-default ones) and the encoded config. Without CUDA it run
 rank in this process, or N ranks through torchrun (DeepSpeed's CPU launcher counts NUMA
 nodes, not cores, so it would start a single rank).
 """
-import ctypes
+import functools
 import logging
 import os
 import runpy
@@ -19,6 +19,7 @@ import sys
 
 from megatron.config.launch_args import NEOX_CONFIG_FLAG, config_parser, load_from_namespace
 from megatron.errors import ConfigError
+from megatron.processes import die_with_parent
 
 log = logging.getLogger(__name__)
 DEFAULT_MASTER_PORT = 29500
@@ -163,14 +164,6 @@ class SignalForwarder:
                 pass
 
 
-def _die_with_parent():
-    """In the child before exec: SIGTERM it when the launcher dies, even by SIGKILL, so
-    torchrun stops its ranks instead of leaving them training as orphans (Linux)."""
-    if sys.platform.startswith("linux"):
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 def run_torchrun(script: str, argv: list[str], nproc: int) -> int:
     """N CPU ranks on this machine, one thread each (the measured fast setting)."""
     # The ranks import megatron from this checkout even when the script lives elsewhere.
@@ -180,7 +173,10 @@ def run_torchrun(script: str, argv: list[str], nproc: int) -> int:
            f"--nproc_per_node={nproc}", script, *argv]
     # Its own session: a terminal's Ctrl-C reaches only us, and we pass it on (above).
     with SignalForwarder():
-        proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+        # SIGTERM when we die, even by SIGKILL: torchrun then stops its ranks instead of
+        # leaving them training as orphans.
+        proc = subprocess.Popen(cmd, env=env, start_new_session=True,
+                                preexec_fn=functools.partial(die_with_parent, signal.SIGTERM))
         return proc.wait()
 
 

@@ -146,7 +146,8 @@ def _run_eval_tasks(args, trainer, groups, tokenizer) -> dict:
 
 def pretrain(args) -> dict:
     """Train ``args`` to ``train_iters``; returns the per-step lm losses and final iteration."""
-    from megatron.data.data_utils import build_train_valid_test_datasets, make_data_iterator
+    from megatron.data.data_utils import (build_train_valid_test_datasets, make_data_iterator,
+                                          shutdown_data_loaders)
     from megatron.parallel import ParallelGroups
     from megatron.tokenizer import build_tokenizer
     from megatron.training import checkpointing, logging, preflight, profiling, robustness, summary
@@ -215,6 +216,9 @@ def pretrain(args) -> dict:
         if args.save and last_saved != iteration:
             save(iteration)
     finally:
+        # Every ending (last step, preemption, error) stops the readers here, before the
+        # interpreter's exit; a pipeline engine still holds its stream.
+        shutdown_data_loaders()
         profiler.close()
         preemption.close()
         logger.close()
