@@ -11,7 +11,6 @@ import functools
 import logging
 import os
 import runpy
-import shlex
 import signal
 import socket
 import subprocess
@@ -19,11 +18,20 @@ import sys
 
 from megatron.config.launch_args import NEOX_CONFIG_FLAG, config_parser, load_from_namespace
 from megatron.errors import ConfigError
+from megatron.multinode import (
+    deepspeed_exports,
+    describe,
+    forwarded_names,
+    mpirun_command,
+    slurm_allocation_hosts,
+    srun_command,
+)
 from megatron.processes import die_with_parent
 
 log = logging.getLogger(__name__)
 DEFAULT_MASTER_PORT = 29500
 MULTI_NODE_LAUNCHERS = ("slurm", "openmpi", "mvapich")
+OWN_LAUNCHERS = ("slurm", "openmpi")  # started here (megatron.multinode), not by DeepSpeed
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DLTS_HOSTFILE = "/job/hostfile"  # DeepSpeed's runner reads it when no hostfile is given
 
@@ -31,10 +39,19 @@ DLTS_HOSTFILE = "/job/hostfile"  # DeepSpeed's runner reads it when no hostfile 
 def count_ranks(args, local_devices: int) -> int:
     """World size: the hostfile's slots after include/exclude/num_nodes/num_gpus, else
     the local device count (num_gpus when set)."""
+    return sum(len(slots) for slots in active_hosts(args, local_devices).values())
+
+
+def active_hosts(args, local_devices: int) -> dict:
+    """Host -> slot list of the ranks to start: the hostfile (or, for launcher: slurm
+    without one, the enclosing allocation) after include/exclude/num_nodes/num_gpus."""
     from deepspeed.launcher import runner
 
     hostfile = args.hostfile or (DLTS_HOSTFILE if os.path.isfile(DLTS_HOSTFILE) else None)
-    if hostfile is None:
+    allocation = slurm_allocation_hosts() if args.launcher == "slurm" and hostfile is None else {}
+    if allocation:
+        pool = {host: args.num_gpus or local_devices or tasks for host, tasks in allocation.items()}
+    elif hostfile is None:
         pool = {"localhost": args.num_gpus or local_devices}
     else:
         if not os.path.isfile(hostfile):
@@ -51,12 +68,12 @@ def count_ranks(args, local_devices: int) -> int:
         raise ConfigError(f"include/exclude ({args.include!r}/{args.exclude!r}): {e}") from None
     if not (args.include or args.exclude):
         active = runner.apply_num_nodes_and_gpus(active, args.num_nodes, args.num_gpus or -1)
-    return sum(len(slots) for slots in active.values())
+    return active
 
 
 def build_launch_command(args, script: str, extra_argv=()) -> list[str]:
-    """Arguments for ``deepspeed.launcher.runner.main``: runner options, then the script,
-    its own arguments and ``--neox_config``."""
+    """Arguments for ``deepspeed.launcher.runner.main`` (pdsh, mvapich): runner options,
+    then the script, its own arguments and ``--neox_config``."""
     cmd = []
     if args.hostfile is not None:
         cmd += ["--hostfile", args.hostfile]
@@ -79,13 +96,6 @@ def build_launch_command(args, script: str, extra_argv=()) -> list[str]:
         cmd += ["--force_multi"]
     if args.no_ssh_check:
         cmd += ["--no_ssh_check"]
-    slurm_args = [(flag, v) for flag, v in (("--comment", args.comment),
-                                            ("--account", args.account)) if v]
-    if slurm_args:
-        if args.launcher != "slurm":
-            raise ConfigError("comment/account are srun options; set launcher: slurm or "
-                              "remove them")
-        cmd += ["--launcher_args", " ".join(f"{f} {shlex.quote(v)}" for f, v in slurm_args)]
     return cmd + [script, *extra_argv, NEOX_CONFIG_FLAG, args.launch_argument()]
 
 
@@ -164,20 +174,42 @@ class SignalForwarder:
                 pass
 
 
+def wait_for_ranks(cmd: list[str], env: dict | None = None) -> int:
+    """Run ``cmd`` (torchrun, srun or mpirun: it starts the ranks) to its end and return
+    its status, which is the ranks' (a death by signal N as a shell shows it: 128+N).
+
+    SIGTERM/SIGINT to us reach the ranks meanwhile (SignalForwarder). ``cmd`` gets its own
+    session, so a terminal's Ctrl-C reaches only us and we pass it on; and SIGTERM when we
+    die, even by SIGKILL, so it stops its ranks instead of leaving them as orphans.
+    """
+    with SignalForwarder():
+        proc = subprocess.Popen(cmd, env=env, start_new_session=True,
+                                preexec_fn=functools.partial(die_with_parent, signal.SIGTERM))
+        status = proc.wait()
+    return status if status >= 0 else 128 - status
+
+
 def run_torchrun(script: str, argv: list[str], nproc: int) -> int:
     """N CPU ranks on this machine, one thread each (the measured fast setting)."""
     # The ranks import megatron from this checkout even when the script lives elsewhere.
     path = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p)
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=path)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+    cmd = [sys.executable, "-m", "megatron.torchrun", "--standalone",
            f"--nproc_per_node={nproc}", script, *argv]
-    # Its own session: a terminal's Ctrl-C reaches only us, and we pass it on (above).
-    with SignalForwarder():
-        # SIGTERM when we die, even by SIGKILL: torchrun then stops its ranks instead of
-        # leaving them training as orphans.
-        proc = subprocess.Popen(cmd, env=env, start_new_session=True,
-                                preexec_fn=functools.partial(die_with_parent, signal.SIGTERM))
-        return proc.wait()
+    return wait_for_ranks(cmd, env)
+
+
+def run_own_launcher(args, script: str, hosts: dict[str, int], forwarded: list[str]) -> int:
+    """launcher: slurm or openmpi: srun/mpirun starts every rank (megatron.multinode)."""
+    rank_argv = [NEOX_CONFIG_FLAG, args.launch_argument()]
+    if args.launcher == "slurm":
+        cmd = srun_command(args, hosts, script, rank_argv)
+    else:
+        cmd = mpirun_command(args, hosts, script, rank_argv, forwarded)
+    log.info("starting %d rank(s) on %s: %s", sum(hosts.values()), ", ".join(hosts), describe(cmd))
+    if forwarded:
+        log.info("forwarding to every rank: %s", " ".join(forwarded))
+    return wait_for_ranks(cmd)
 
 
 # What a launcher gives each rank. Inherited from an enclosing job (or a process that
@@ -198,7 +230,10 @@ def main(argv=None) -> int:
         raise ConfigError(f"script {ns.script} does not exist; pass e.g. train.py")
     args = load_from_namespace(ns)
     on_gpus = torch.cuda.is_available() or args.hostfile is not None
-    args.configure_world(count_ranks(args, torch.cuda.device_count() if on_gpus else 1))
+    own_launcher = args.launcher in OWN_LAUNCHERS and (on_gpus or slurm_allocation_hosts())
+    local_devices = torch.cuda.device_count() if on_gpus else (0 if own_launcher else 1)
+    hosts = active_hosts(args, local_devices)
+    args.configure_world(sum(len(slots) for slots in hosts.values()))
     from megatron.training.robustness import check_extension_locks
 
     check_extension_locks(single_node=args.hostfile is None)
@@ -208,10 +243,15 @@ def main(argv=None) -> int:
         check_before_launch(args)
     log.info("launching %s on %d rank(s)", ns.script, args.world_size)
     _forget_rank_environment()
+    if (args.comment or args.account) and args.launcher != "slurm":
+        raise ConfigError("comment/account are srun options; set launcher: slurm or remove them")
+    forwarded = forwarded_names(args.launcher_env)
+    if own_launcher:
+        return run_own_launcher(args, ns.script, {h: len(s) for h, s in hosts.items()}, forwarded)
     if on_gpus:
         from deepspeed.launcher import runner
 
-        with SignalForwarder():  # multi-node pdsh: DeepSpeed's runner installs its own
+        with SignalForwarder(), deepspeed_exports(forwarded):  # multi-node pdsh: DeepSpeed's runner installs its own handler
             return runner.main(build_launch_command(args, ns.script)) or 0
     rank_argv = [NEOX_CONFIG_FLAG, args.launch_argument()]
     if args.world_size == 1:

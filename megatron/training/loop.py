@@ -11,31 +11,14 @@ import math
 import os
 import random
 
-import deepspeed
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from megatron.errors import ConfigError
+from megatron.parallel.distributed import init_distributed
 from megatron.training.checkpoint_validation import validate_checkpoint
 from megatron.training.engine import Trainer, build_trainer, lm_loss
-
-
-def init_distributed():
-    """torch.distributed via DeepSpeed (nccl on GPUs, gloo on CPU); a no-op when already up."""
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    for key, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
-                         ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500")):
-        # A plain `python train.py` is a world of one; without these DeepSpeed tries MPI.
-        os.environ.setdefault(key, default)
-    if not dist.is_initialized():
-        from megatron.training.robustness import check_extension_locks
-
-        # DeepSpeed JIT-builds its CPU comm op here; a killed build's lock would hang us
-        check_extension_locks(single_node=os.environ["WORLD_SIZE"] == os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)
 
 
 def set_seeds(seed: int):
@@ -153,7 +136,7 @@ def pretrain(args) -> dict:
     from megatron.training import checkpointing, logging, preflight, profiling, robustness, summary
 
     _check_runtime_settings(args)
-    init_distributed()
+    init_distributed(args)
     args.configure_world(dist.get_world_size())
     groups = ParallelGroups.build(max(1, args.pipe_parallel_size), args.model_parallel_size)
     set_seeds(args.seed)
