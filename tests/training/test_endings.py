@@ -1,0 +1,141 @@
+"""Every way a run ends leaves no process behind and gives the right exit status.
+
+Pipeline runs through deepy.py with the default num_workers (2 DataLoader readers per
+rank): after the last step (one rank, in deepy's own process: the cheapest launch), and
+on 2 stages through torchrun (deepy -> torchrun -> 2 ranks -> 2 readers each) after
+SIGTERM to the launcher (the ranks save one checkpoint together), after a one-line error
+on every rank (divergence) and after an unexpected exception on one rank. The launcher
+must exit by itself within ENDING_BOUND_S of the last metrics line, with the ranks'
+status, and take every process it started with it.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from test_resume import ROOT, TINY, tiny_overrides
+
+ENDING_BOUND_S = 90  # generous for a loaded 2-core box; a run that does not end never does
+RUN_TIMEOUT_S = 400
+
+# Run as the launched script (named train.py, so deepy's checks still run): rank 1 raises
+# at its third step while rank 0 waits for it inside the pipeline's send/receive.
+CRASH_ON_RANK_1 = f"""
+import os, runpy
+from megatron.training import loop
+
+train_step = loop.train_step
+
+def crash_on_rank_1(trainer, batches, iteration, *args, **kwargs):
+    if iteration == 2 and os.environ["RANK"] == "1":
+        raise RuntimeError("injected fault on rank 1")
+    return train_step(trainer, batches, iteration, *args, **kwargs)
+
+loop.train_step = crash_on_rank_1
+runpy.run_path({str(ROOT / "train.py")!r}, run_name="__main__")
+"""
+
+
+def _launch(tmp_path, ending, ranks):
+    overrides = tiny_overrides(tmp_path, num_gpus=ranks, pipe_parallel_size=ranks, train_iters=4,
+                               lr_decay_iters=4, checkpoint_factor=10**6, log_interval=1)
+    script = ROOT / "train.py"
+    if ending == "preemption":
+        overrides.update(train_iters=100000, lr_decay_iters=100000)
+    elif ending == "one_line_error":
+        # finite (the config refuses .inf), but the gradient norm overflows once L2E
+        # scores (step 2): the first non-finite step ends the run
+        overrides.update(nan_tolerance=1, l2e={**overrides["l2e"], "loss_weight": 1e38})
+    elif ending == "crash":
+        script = tmp_path / "train.py"
+        script.write_text(CRASH_ON_RANK_1)
+    cmd = [sys.executable, str(ROOT / "deepy.py"), str(script), TINY,
+           "--override", *(f"{k}={json.dumps(v)}" for k, v in overrides.items())]
+    # Rank variables inherited from an enclosing job must not make the launcher or torchrun
+    # look like ranks (they would get the SIGTERM and end the run with an error).
+    env = dict(os.environ, PYTHONPATH=str(ROOT), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
+               WANDB_MODE="disabled", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    log = open(tmp_path / "launcher.log", "w")
+    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _steps_logged(metrics) -> int:
+    return len(metrics.read_text().splitlines()) if metrics.exists() else 0
+
+
+def _silent_for(metrics, seconds) -> bool:
+    return metrics.exists() and time.time() - metrics.stat().st_mtime > seconds
+
+
+def _run_to_its_end(proc, metrics, signal_after_steps=None) -> dict:
+    """Wait for the launcher to exit, signalling it once ``signal_after_steps`` steps are
+    logged; returns every process it started (pid -> psutil.Process) seen meanwhile."""
+    family = {}
+    deadline = time.time() + RUN_TIMEOUT_S
+    while proc.poll() is None and time.time() < deadline and not _silent_for(metrics, ENDING_BOUND_S):
+        try:
+            family.update((p.pid, p) for p in psutil.Process(proc.pid).children(recursive=True))
+        except psutil.NoSuchProcess:
+            break
+        if signal_after_steps and _steps_logged(metrics) >= signal_after_steps:
+            proc.send_signal(signal.SIGTERM)
+            signal_after_steps = None
+        time.sleep(0.25)
+    return family
+
+
+def _survivors(family, grace_s=10):
+    """Processes of ``family`` still running after ``grace_s`` (readers die with their rank
+    by a kernel signal, a moment after it)."""
+    deadline = time.time() + grace_s
+    while True:
+        alive = [p for p in family.values() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        if not alive or time.time() > deadline:
+            return alive
+        time.sleep(0.5)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("ending,ranks,status", [("last_step", 1, 0), ("preemption", 2, 0),
+                                                 ("one_line_error", 2, 2), ("crash", 2, 1)])
+def test_every_ending_leaves_no_process_and_exits_with_the_ranks_status(tmp_path, ending, ranks, status):
+    metrics = tmp_path / "logs" / "metrics.jsonl"
+    proc = _launch(tmp_path, ending, ranks)
+    family = {}
+    try:
+        family = _run_to_its_end(proc, metrics, signal_after_steps=2 if ending == "preemption" else None)
+        ended = time.time()
+        output = (tmp_path / "launcher.log").read_text()
+        assert proc.poll() is not None, f"the launcher did not end:\n{output[-3000:]}"
+        assert proc.returncode == status, output[-3000:]
+        assert ended - metrics.stat().st_mtime < ENDING_BOUND_S, f"ended {ended - metrics.stat().st_mtime:.0f} s after its last line"
+        # the readers; with torchrun also torchrun and its ranks
+        assert len(family) >= (2 if ranks == 1 else 7), sorted(family)
+        assert _survivors(family) == []
+    finally:
+        for leftover in [*family.values(), psutil.Process(proc.pid)] if proc.poll() is None else family.values():
+            try:
+                leftover.kill()
+            except psutil.Error:
+                pass
+    save = tmp_path / "full"
+    if ending == "last_step":
+        assert (save / "latest").read_text() == "global_step4" and _steps_logged(metrics) == 4
+    elif ending == "preemption":
+        assert "deepy: SIGTERM: asking 2 rank(s) to save" in output
+        tag = (save / "latest").read_text()
+        assert int(tag.removeprefix("global_step")) >= 2
+        assert sorted(p.name for p in (save / tag).glob("rank_*_extra_state.pt")) == [
+            "rank_00000_extra_state.pt", "rank_00001_extra_state.pt"]
+    elif ending == "one_line_error":
+        errors = {line for line in output.splitlines() if line.startswith("error:")}
+        assert len(errors) == 1 and "training diverged" in errors.pop()  # the same line from each rank
+        assert "Traceback" not in output
+    else:
+        assert "RuntimeError: injected fault on rank 1" in output
