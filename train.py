@@ -7,8 +7,10 @@ from megatron.errors import cli_main
 @cli_main
 def main(argv=None):
     from megatron.config import NeoXArgs
+    from megatron.processes import keep_running_without_output
     from megatron.training import pretrain
 
+    keep_running_without_output()
     pretrain(NeoXArgs.consume_launch_args(sys.argv[1:] if argv is None else argv))
 
 

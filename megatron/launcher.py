@@ -7,10 +7,12 @@ deepy passes (only non-default ones) and the encoded config. Without CUDA it run
 rank in this process, or N ranks through torchrun (DeepSpeed's CPU launcher counts NUMA
 nodes, not cores, so it would start a single rank).
 """
+import contextlib
 import functools
 import logging
 import os
 import runpy
+import shlex
 import signal
 import socket
 import subprocess
@@ -26,7 +28,7 @@ from megatron.multinode import (
     slurm_allocation_hosts,
     srun_command,
 )
-from megatron.processes import die_with_parent
+from megatron.processes import die_with_parent, is_rank
 
 log = logging.getLogger(__name__)
 DEFAULT_MASTER_PORT = 29500
@@ -117,34 +119,33 @@ def run_in_process(script: str, argv: list[str]) -> int:
 
 
 def rank_processes() -> list:
-    """This launcher's rank processes: descendants started with LOCAL_RANK set by a
-    parent without it (torchrun's or DeepSpeed's workers, not their own children)."""
+    """This launcher's rank processes among its descendants (torchrun's or DeepSpeed's
+    workers, not their own children)."""
     import psutil
 
-    ranks = []
-    for proc in psutil.Process().children(recursive=True):
-        try:
-            parent = proc.parent()
-            if "LOCAL_RANK" in proc.environ() and (parent is None or "LOCAL_RANK" not in parent.environ()):
-                ranks.append(proc)
-        except psutil.Error:  # exited meanwhile, or not ours to read
-            continue
-    return ranks
+    return [proc for proc in psutil.Process().children(recursive=True) if is_rank(proc)]
 
 
 class SignalForwarder:
-    """SIGTERM/SIGINT to the launcher -> SIGTERM to every rank; a second one kills them.
+    """SIGTERM/SIGINT to the launcher -> a save request to the ranks; a second one kills them.
 
-    The ranks' PreemptionHandler then saves one checkpoint together and exits, and the
-    launcher keeps waiting for them. The ranks are signalled directly, not through
-    torchrun or DeepSpeed's launch.py: both SIGKILL their workers 30 s after passing a
-    signal on, too soon for a large checkpoint.
+    The ranks' PreemptionHandler saves one checkpoint together and exits (one rank's
+    request is enough: they agree at every step), and the launcher keeps waiting for them.
+    Ranks on this machine (torchrun's) are signalled directly, not through torchrun or
+    DeepSpeed's launch.py: both SIGKILL their workers 30 s after passing a signal on, too
+    soon for a large checkpoint. A launcher with no rank of its own here (srun, mpirun)
+    gets ``forward``: SIGUSR1 reaches every rank through both, while on SIGTERM they kill
+    the ranks after a short grace. Ranks on ``remote_hosts`` (pdsh) are reached over pdsh
+    by tools/signal_ranks.py: pdsh and its ssh sessions, which carry the ranks' output,
+    are left alone.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self):
+    def __init__(self, forward: signal.Signals = signal.SIGTERM, remote_hosts=()):
+        self.forward, self.remote_hosts = forward, list(remote_hosts)
         self.received = 0
+        self._remote_requests = []
 
     def __enter__(self):
         self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
@@ -153,6 +154,8 @@ class SignalForwarder:
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        for request in self._remote_requests:
+            request.wait()
 
     def _handle(self, signum, frame):
         import psutil
@@ -161,20 +164,55 @@ class SignalForwarder:
         name = signal.Signals(signum).name
         if self.received > 1:
             print(f"deepy: second {name}: killing the ranks without saving", file=sys.stderr, flush=True)
+            self._signal_remote_ranks(signal.SIGKILL)
             targets, forward = psutil.Process().children(recursive=True), signal.SIGKILL
         else:
-            targets = rank_processes() or psutil.Process().children()
-            print(f"deepy: {name}: asking {len(targets)} rank(s) to save a checkpoint and exit "
-                  f"(send it again to stop them at once)", file=sys.stderr, flush=True)
-            forward = signal.SIGTERM
+            targets = rank_processes() or ([] if self.remote_hosts else psutil.Process().children())
+            where = f" on {len(self.remote_hosts)} node(s)" if self.remote_hosts else ""
+            print(f"deepy: {name}: asking the ranks{where} to save a checkpoint and exit ({len(targets)} "
+                  f"signalled here; send it again to stop them at once)", file=sys.stderr, flush=True)
+            self._signal_remote_ranks(signal.SIGUSR1)
+            forward = self.forward
         for proc in targets:
             try:
                 proc.send_signal(forward)
             except psutil.Error:
                 pass
 
+    def _signal_remote_ranks(self, sig: signal.Signals) -> None:
+        if not self.remote_hosts:
+            return
+        tool = f"{shlex.quote(sys.executable)} {shlex.quote(os.path.join(REPO_ROOT, 'tools', 'signal_ranks.py'))}"
+        cmd = ["pdsh", "-R", "ssh", "-w", ",".join(self.remote_hosts), f"{tool} --signal {sig.name}"]
+        self._remote_requests.append(subprocess.Popen(cmd, stdout=sys.stderr, start_new_session=True))
 
-def wait_for_ranks(cmd: list[str], env: dict | None = None) -> int:
+
+@contextlib.contextmanager
+def _our_signal_handlers_kept(module):
+    """Run DeepSpeed's pdsh runner (``module``) without letting it replace our SIGTERM and
+    SIGINT handlers: its own kills pdsh at once, which cuts the ssh sessions carrying the
+    ranks' output (a rank that prints before it saves dies), and exits 1 a second later
+    without waiting for the ranks."""
+    real = module.signal
+
+    class KeepOurs:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        @staticmethod
+        def signal(signum, handler):
+            if signum in SignalForwarder.SIGNALS:
+                return real.getsignal(signum)
+            return real.signal(signum, handler)
+
+    module.signal = KeepOurs()
+    try:
+        yield
+    finally:
+        module.signal = real
+
+
+def wait_for_ranks(cmd: list[str], env: dict | None = None, forward: signal.Signals = signal.SIGTERM) -> int:
     """Run ``cmd`` (torchrun, srun or mpirun: it starts the ranks) to its end and return
     its status, which is the ranks' (a death by signal N as a shell shows it: 128+N).
 
@@ -182,7 +220,7 @@ def wait_for_ranks(cmd: list[str], env: dict | None = None) -> int:
     session, so a terminal's Ctrl-C reaches only us and we pass it on; and SIGTERM when we
     die, even by SIGKILL, so it stops its ranks instead of leaving them as orphans.
     """
-    with SignalForwarder():
+    with SignalForwarder(forward):
         proc = subprocess.Popen(cmd, env=env, start_new_session=True,
                                 preexec_fn=functools.partial(die_with_parent, signal.SIGTERM))
         status = proc.wait()
@@ -209,7 +247,7 @@ def run_own_launcher(args, script: str, hosts: dict[str, int], forwarded: list[s
     log.info("starting %d rank(s) on %s: %s", sum(hosts.values()), ", ".join(hosts), describe(cmd))
     if forwarded:
         log.info("forwarding to every rank: %s", " ".join(forwarded))
-    return wait_for_ranks(cmd)
+    return wait_for_ranks(cmd, forward=signal.SIGUSR1)
 
 
 # What a launcher gives each rank. Inherited from an enclosing job (or a process that
@@ -251,7 +289,9 @@ def main(argv=None) -> int:
     if on_gpus:
         from deepspeed.launcher import runner
 
-        with SignalForwarder(), deepspeed_exports(forwarded):  # multi-node pdsh: DeepSpeed's runner installs its own handler
+        multi_node = args.hostfile is not None and (len(hosts) > 1 or args.force_multi)
+        remote = list(hosts) if multi_node and args.launcher == "pdsh" else []  # the ranks are pdsh's
+        with SignalForwarder(remote_hosts=remote), _our_signal_handlers_kept(runner), deepspeed_exports(forwarded):
             return runner.main(build_launch_command(args, ns.script)) or 0
     rank_argv = [NEOX_CONFIG_FLAG, args.launch_argument()]
     if args.world_size == 1:

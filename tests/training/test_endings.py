@@ -139,3 +139,23 @@ def test_every_ending_leaves_no_process_and_exits_with_the_ranks_status(tmp_path
         assert "Traceback" not in output
     else:
         assert "RuntimeError: injected fault on rank 1" in output
+
+
+@pytest.mark.parametrize("kept", [True, False])
+def test_a_rank_outlives_the_reader_of_its_output(tmp_path, kept):
+    # pdsh/ssh, srun or mpirun carry a rank's output; if the carrier dies first, a rank
+    # stopping to save must still save (and exit 0), not die of BrokenPipeError.
+    saved = tmp_path / "saved"
+    code = ("import pathlib, sys\n"
+            "from megatron.processes import keep_running_without_output\n"
+            f"{'keep_running_without_output()' if kept else ''}\n"
+            "for _ in range(100):\n"
+            "    print('x' * 1000, flush=True)\n"
+            "    print('y', file=sys.stderr)\n"
+            "pathlib.Path(sys.argv[1]).write_text('saved')\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(saved)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    proc.stdout.close()
+    proc.stderr.close()
+    status = proc.wait(timeout=60)
+    assert (status == 0 and saved.read_text() == "saved") if kept else (status != 0 and not saved.exists())
