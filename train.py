@@ -9,9 +9,11 @@ def main(argv=None):
     from megatron.config import NeoXArgs
     from megatron.processes import keep_running_without_output
     from megatron.training import pretrain
+    from megatron.training.robustness import PreemptionHandler
 
     keep_running_without_output()
-    pretrain(NeoXArgs.consume_launch_args(sys.argv[1:] if argv is None else argv))
+    if pretrain(NeoXArgs.consume_launch_args(sys.argv[1:] if argv is None else argv))["stopped_by_signal"]:
+        PreemptionHandler.ignore_repeats()
 
 
 if __name__ == "__main__":

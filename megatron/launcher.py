@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 from megatron.config.launch_args import NEOX_CONFIG_FLAG, config_parser, load_from_namespace
 from megatron.errors import ConfigError
@@ -36,6 +37,7 @@ MULTI_NODE_LAUNCHERS = ("slurm", "openmpi", "mvapich")
 OWN_LAUNCHERS = ("slurm", "openmpi")  # started here (megatron.multinode), not by DeepSpeed
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DLTS_HOSTFILE = "/job/hostfile"  # DeepSpeed's runner reads it when no hostfile is given
+LAUNCH_ID = "NEOX_LAUNCH_ID"  # set by deepy for every rank, so that a stop reaches this job's ranks only
 
 
 def count_ranks(args, local_devices: int) -> int:
@@ -183,7 +185,8 @@ class SignalForwarder:
         if not self.remote_hosts:
             return
         tool = f"{shlex.quote(sys.executable)} {shlex.quote(os.path.join(REPO_ROOT, 'tools', 'signal_ranks.py'))}"
-        cmd = ["pdsh", "-R", "ssh", "-w", ",".join(self.remote_hosts), f"{tool} --signal {sig.name}"]
+        cmd = ["pdsh", "-R", "ssh", "-w", ",".join(self.remote_hosts),
+               f"{tool} --signal {sig.name} --launch {shlex.quote(os.environ[LAUNCH_ID])}"]
         self._remote_requests.append(subprocess.Popen(cmd, stdout=sys.stderr, start_new_session=True))
 
 
@@ -291,6 +294,8 @@ def main(argv=None) -> int:
 
         multi_node = args.hostfile is not None and (len(hosts) > 1 or args.force_multi)
         remote = list(hosts) if multi_node and args.launcher == "pdsh" else []  # the ranks are pdsh's
+        os.environ[LAUNCH_ID] = f"{socket.gethostname()}-{os.getpid()}-{time.time_ns()}"
+        forwarded = [*forwarded, LAUNCH_ID]
         with SignalForwarder(remote_hosts=remote), _our_signal_handlers_kept(runner), deepspeed_exports(forwarded):
             return runner.main(build_launch_command(args, ns.script)) or 0
     rank_argv = [NEOX_CONFIG_FLAG, args.launch_argument()]

@@ -25,6 +25,8 @@ from megatron.errors import cli_main  # noqa: E402
 def _parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--signal", default="USR1", help="signal name: USR1 (default), TERM, INT, KILL")
+    parser.add_argument("--launch", default=None,
+                        help="only the ranks of this deepy launch (its NEOX_LAUNCH_ID; deepy passes it)")
     parser.add_argument("--script", default=None,
                         help="only ranks whose command line names this script (e.g. train.py)")
     return parser
@@ -42,7 +44,6 @@ def main(argv=None) -> int:
         sig = signal.Signals["SIG" + ns.signal.upper().removeprefix("SIG")]
     except KeyError:
         raise UserError(f"--signal {ns.signal}: not a signal name; use USR1, TERM, INT or KILL") from None
-    host = os.uname().nodename
     signalled = 0
     for proc in psutil.process_iter():
         if proc.pid == os.getpid() or not is_rank(proc):
@@ -50,14 +51,17 @@ def main(argv=None) -> int:
         try:
             if ns.script and not any(os.path.basename(a) == ns.script for a in proc.cmdline()):
                 continue
-            rank = proc.environ().get("RANK", "?")
+            environ = proc.environ()
+            if ns.launch and environ.get("NEOX_LAUNCH_ID") != ns.launch:
+                continue
+            rank = environ.get("RANK", "?")
             proc.send_signal(sig)
         except psutil.Error:
             continue
         signalled += 1
-        print(f"{host}: {sig.name} to rank {rank} (pid {proc.pid})", flush=True)
+        print(f"{sig.name} to rank {rank} (pid {proc.pid})", flush=True)
     if not signalled:
-        print(f"{host}: no training rank found", file=sys.stderr)
+        print(f"{os.uname().nodename}: no training rank found", file=sys.stderr)
     return 0 if signalled else 1
 
 

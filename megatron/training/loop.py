@@ -128,7 +128,8 @@ def _run_eval_tasks(args, trainer, groups, tokenizer) -> dict:
 
 
 def pretrain(args) -> dict:
-    """Train ``args`` to ``train_iters``; returns the per-step lm losses and final iteration."""
+    """Train ``args`` to ``train_iters``; returns the per-step lm losses, the final iteration
+    and whether a preemption signal stopped it."""
     from megatron.data.data_utils import (build_train_valid_test_datasets, make_data_iterator,
                                           shutdown_data_loaders)
     from megatron.parallel import ParallelGroups
@@ -205,7 +206,7 @@ def pretrain(args) -> dict:
         profiler.close()
         preemption.close()
         logger.close()
-    return {"iteration": iteration, "lm_loss": losses}
+    return {"iteration": iteration, "lm_loss": losses, "stopped_by_signal": preemption.flag}
 
 
 def _l2e_diagnostics_step(args, step: int) -> bool:

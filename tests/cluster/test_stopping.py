@@ -1,0 +1,88 @@
+"""Stopping a multi-node job on the simulated cluster: the stop signal reaches every rank
+on every node, they save one checkpoint together, the launcher waits for them and exits
+0, and nothing of the job is left on any node.
+
+Every process of a job is found by a variable set in the launching shell and forwarded to
+every rank (``launcher_env``), so the check covers deepy, pdsh/srun/mpirun, ssh, the
+per-node launchers, the ranks and their DataLoader readers.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "training"))
+from test_resume import ROOT, TINY, tiny_overrides  # noqa: E402
+
+pytestmark = [pytest.mark.cluster, pytest.mark.distributed, pytest.mark.slow]
+JOB_MARK = "NEOX_STOP_TEST_JOB"
+STOP_BOUND_S = 120
+
+
+def _job_processes(job: str) -> list[str]:
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline", "status"]):
+        try:
+            if proc.info["status"] != psutil.STATUS_ZOMBIE and proc.environ().get(JOB_MARK) == job:
+                found.append(f"{proc.pid}: {' '.join(proc.info['cmdline'] or ())[:160]}")
+        except psutil.Error:
+            continue
+    return found
+
+
+def _wait_for_steps(metrics, steps, proc, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, "the job ended before it was stopped"
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= steps:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"{metrics} did not reach {steps} steps in {timeout} s")
+
+
+def _assert_stopped_and_saved(tmp_path, proc, output):
+    try:
+        status = proc.wait(timeout=STOP_BOUND_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError(f"the launcher did not exit within {STOP_BOUND_S} s:\n{output.read_text()[-3000:]}")
+    assert status == 0, output.read_text()[-3000:]
+    save = tmp_path / "full"
+    tag = (save / "latest").read_text()
+    assert int(tag.removeprefix("global_step")) >= 2
+    assert sorted(p.name for p in (save / tag).glob("rank_*_extra_state.pt")) == [
+        "rank_00000_extra_state.pt", "rank_00001_extra_state.pt"]
+    deadline = time.time() + 15  # the readers die with their ranks a moment after them
+    while _job_processes(str(tmp_path)) and time.time() < deadline:
+        time.sleep(0.5)
+    assert _job_processes(str(tmp_path)) == []
+
+
+def test_sigterm_to_deepy_on_pdsh_saves_on_every_node(cluster, tmp_path):
+    """DeepSpeed's pdsh runner would kill pdsh at once (cutting the ranks' output, so a rank
+    printing every step died before saving) and exit 1 after a second."""
+    hostfile = cluster.hostfile(tmp_path, {"node1": 1, "node2": 1})
+    overrides = tiny_overrides(tmp_path, pipe_parallel_size=2, train_iters=100000, lr_decay_iters=100000,
+                               checkpoint_factor=10**6, log_interval=1, launcher_env=[JOB_MARK])
+    cmd = [sys.executable, str(ROOT / "deepy.py"), "train.py", TINY, "-H", str(hostfile),
+           "--override", *(f"{k}={json.dumps(v)}" for k, v in overrides.items())]
+    output = tmp_path / "deepy.log"
+    with open(output, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=cluster.env(**{JOB_MARK: str(tmp_path)}), stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_for_steps(tmp_path / "logs" / "metrics.jsonl", 2, proc)
+        proc.send_signal(signal.SIGTERM)
+        _assert_stopped_and_saved(tmp_path, proc, output)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = output.read_text()
+    assert "asking the ranks on 2 node(s) to save" in text
+    # the simulated nodes share one machine, so each node's request finds both ranks
+    assert "SIGUSR1 to rank 0 " in text and "SIGUSR1 to rank 1 " in text
