@@ -12,9 +12,12 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 
 import psutil
 import pytest
+
+from megatron.launcher import free_port
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "training"))
 from test_resume import ROOT, TINY, tiny_overrides  # noqa: E402
@@ -63,26 +66,59 @@ def _assert_stopped_and_saved(tmp_path, proc, output):
     assert _job_processes(str(tmp_path)) == []
 
 
-def test_sigterm_to_deepy_on_pdsh_saves_on_every_node(cluster, tmp_path):
-    """DeepSpeed's pdsh runner would kill pdsh at once (cutting the ranks' output, so a rank
-    printing every step died before saving) and exit 1 after a second."""
-    hostfile = cluster.hostfile(tmp_path, {"node1": 1, "node2": 1})
+def _deepy_command(tmp_path, hostfile=None, **extra) -> list[str]:
+    # a free port: 29500 may be taken by another job on a shared machine
     overrides = tiny_overrides(tmp_path, pipe_parallel_size=2, train_iters=100000, lr_decay_iters=100000,
-                               checkpoint_factor=10**6, log_interval=1, launcher_env=[JOB_MARK])
-    cmd = [sys.executable, str(ROOT / "deepy.py"), "train.py", TINY, "-H", str(hostfile),
-           "--override", *(f"{k}={json.dumps(v)}" for k, v in overrides.items())]
-    output = tmp_path / "deepy.log"
+                               checkpoint_factor=10**6, log_interval=1, launcher_env=[JOB_MARK],
+                               master_port=free_port(), **extra)
+    return [sys.executable, str(ROOT / "deepy.py"), "train.py", TINY, *(["-H", str(hostfile)] if hostfile else []),
+            "--override", *(f"{k}={json.dumps(v)}" for k, v in overrides.items())]
+
+
+def _stop_after_two_steps(cluster, tmp_path, cmd, stop) -> str:
+    """Start ``cmd``, call ``stop(proc)`` once two steps are logged; the job's output."""
+    output = tmp_path / "job.log"
     with open(output, "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=cluster.env(**{JOB_MARK: str(tmp_path)}), stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     try:
         _wait_for_steps(tmp_path / "logs" / "metrics.jsonl", 2, proc)
-        proc.send_signal(signal.SIGTERM)
+        stop(proc)
         _assert_stopped_and_saved(tmp_path, proc, output)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    text = output.read_text()
+    return output.read_text()
+
+
+def test_sigterm_to_deepy_on_pdsh_saves_on_every_node(cluster, tmp_path):
+    """DeepSpeed's pdsh runner would kill pdsh at once (cutting the ranks' output, so a rank
+    printing every step died before saving) and exit 1 after a second."""
+    hostfile = cluster.hostfile(tmp_path, {"node1": 1, "node2": 1})
+    text = _stop_after_two_steps(cluster, tmp_path, _deepy_command(tmp_path, hostfile),
+                                 lambda proc: proc.send_signal(signal.SIGTERM))
     assert "asking the ranks on 2 node(s) to save" in text
     # the simulated nodes share one machine, so each node's request finds both ranks
     assert "SIGUSR1 to rank 0 " in text and "SIGUSR1 to rank 1 " in text
+
+
+def test_scancel_batch_term_to_deepy_on_slurm_saves_on_every_node(cluster, tmp_path):
+    """docs/launching.md's recipe: ``exec`` deepy in the batch script, ``--signal=B:TERM``
+    (here sent at once by scancel): deepy passes SIGUSR1 to srun, which passes it to every
+    rank (srun would kill the ranks 30 s after a SIGTERM)."""
+    script = tmp_path / "job.sh"
+    deepy = " ".join(f"'{a}'" for a in _deepy_command(tmp_path, launcher="slurm"))
+    script.write_text(f"#!/bin/bash\n#SBATCH --nodes=2 --ntasks-per-node=1\ncd {ROOT}\nexec {deepy}\n")
+    name = f"neox-stop-{uuid.uuid4().hex[:8]}"
+    sbatch = ["sbatch", "--wait", f"--job-name={name}", f"--output={tmp_path / 'batch.log'}", str(script)]
+
+    def scancel(proc):
+        job = subprocess.run(["squeue", "--noheader", "--format=%i", f"--name={name}"],
+                             env=cluster.env(), capture_output=True, text=True, check=True).stdout.split()
+        assert len(job) == 1, job
+        subprocess.run(["scancel", "--signal=TERM", "--batch", job[0]], env=cluster.env(), check=True)
+
+    _stop_after_two_steps(cluster, tmp_path, sbatch, scancel)
+    text = (tmp_path / "batch.log").read_text()
+    assert "deepy: SIGTERM: asking the ranks to save" in text
+    assert text.count("received SIGUSR1: will save a checkpoint") == 2
