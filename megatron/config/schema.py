@@ -314,6 +314,9 @@ class LauncherArgs:
         10, "Collective timeout: a rank waiting this long in a collective (a peer hung or "
         "gone) fails and ends the job. Must exceed the longest time one rank works alone "
         "between collectives (a checkpoint save, building data indices).")
+    peer_heartbeat_timeout_seconds: int = arg(
+        120, "A rank whose heartbeat has not moved for this long (stopped, hung or gone) ends "
+        "the job: its peers name it in one line and exit (0: off; docs/launching.md).")
 
 
 @dataclass

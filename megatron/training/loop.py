@@ -19,6 +19,7 @@ from megatron.errors import ConfigError
 from megatron.parallel.distributed import init_distributed
 from megatron.training.checkpoint_validation import validate_checkpoint
 from megatron.training.engine import Trainer, build_trainer, lm_loss
+from megatron.training.watchdog import PeerWatchdog
 
 
 def set_seeds(seed: int):
@@ -139,6 +140,7 @@ def pretrain(args) -> dict:
     _check_runtime_settings(args)
     init_distributed(args)
     args.configure_world(dist.get_world_size())
+    watchdog = PeerWatchdog.start(args)
     groups = ParallelGroups.build(max(1, args.pipe_parallel_size), args.model_parallel_size)
     set_seeds(args.seed)
     tokenizer = build_tokenizer(args)
@@ -203,6 +205,8 @@ def pretrain(args) -> dict:
         # Every ending (last step, preemption, error) stops the readers here, before the
         # interpreter's exit; a pipeline engine still holds its stream.
         shutdown_data_loaders()
+        if watchdog is not None:
+            watchdog.stop()
         profiler.close()
         preemption.close()
         logger.close()

@@ -4,7 +4,8 @@ Pipeline runs through deepy.py with the default num_workers (2 DataLoader reader
 rank): after the last step (one rank, in deepy's own process: the cheapest launch), and
 on 2 stages through torchrun (deepy -> torchrun -> 2 ranks -> 2 readers each) after
 SIGTERM to the launcher (the ranks save one checkpoint together), after a one-line error
-on every rank (divergence) and after an unexpected exception on one rank. The launcher
+on every rank (divergence), after an unexpected exception on one rank, and after one rank
+stops answering (SIGSTOP: its peer's watchdog names it and ends the job). The launcher
 must exit by itself within ENDING_BOUND_S of the last metrics line, with the ranks'
 status, and take every process it started with it.
 """
@@ -45,8 +46,8 @@ def _launch(tmp_path, ending, ranks):
     overrides = tiny_overrides(tmp_path, num_gpus=ranks, pipe_parallel_size=ranks, train_iters=4,
                                lr_decay_iters=4, checkpoint_factor=10**6, log_interval=1)
     script = ROOT / "train.py"
-    if ending == "preemption":
-        overrides.update(train_iters=100000, lr_decay_iters=100000)
+    if ending in ("preemption", "hung_rank"):
+        overrides.update(train_iters=100000, lr_decay_iters=100000, peer_heartbeat_timeout_seconds=6)
     elif ending == "one_line_error":
         # finite (the config refuses .inf), but the gradient norm overflows once L2E
         # scores (step 2): the first non-finite step ends the run
@@ -72,9 +73,21 @@ def _silent_for(metrics, seconds) -> bool:
     return metrics.exists() and time.time() - metrics.stat().st_mtime > seconds
 
 
-def _run_to_its_end(proc, metrics, signal_after_steps=None) -> dict:
-    """Wait for the launcher to exit, signalling it once ``signal_after_steps`` steps are
-    logged; returns every process it started (pid -> psutil.Process) seen meanwhile."""
+def _stop_rank_1(proc):
+    import megatron.processes
+
+    ranks = [p for p in psutil.Process(proc.pid).children(recursive=True)
+             if megatron.processes.is_rank(p) and p.environ()["RANK"] == "1"]
+    assert len(ranks) == 1, ranks
+    ranks[0].suspend()
+
+
+STOPS = {"preemption": lambda proc: proc.send_signal(signal.SIGTERM), "hung_rank": _stop_rank_1}
+
+
+def _run_to_its_end(proc, metrics, stop=None) -> dict:
+    """Wait for the launcher to exit, calling ``stop(proc)`` once two steps are logged;
+    returns every process it started (pid -> psutil.Process) seen meanwhile."""
     family = {}
     deadline = time.time() + RUN_TIMEOUT_S
     while proc.poll() is None and time.time() < deadline and not _silent_for(metrics, ENDING_BOUND_S):
@@ -82,9 +95,9 @@ def _run_to_its_end(proc, metrics, signal_after_steps=None) -> dict:
             family.update((p.pid, p) for p in psutil.Process(proc.pid).children(recursive=True))
         except psutil.NoSuchProcess:
             break
-        if signal_after_steps and _steps_logged(metrics) >= signal_after_steps:
-            proc.send_signal(signal.SIGTERM)
-            signal_after_steps = None
+        if stop and _steps_logged(metrics) >= 2:
+            stop(proc)
+            stop = None
         time.sleep(0.25)
     return family
 
@@ -103,13 +116,13 @@ def _survivors(family, grace_s=10):
 @pytest.mark.distributed
 @pytest.mark.slow
 @pytest.mark.parametrize("ending,ranks,status", [("last_step", 1, 0), ("preemption", 2, 0),
-                                                 ("one_line_error", 2, 2), ("crash", 2, 1)])
+                                                 ("one_line_error", 2, 2), ("crash", 2, 1), ("hung_rank", 2, 1)])
 def test_every_ending_leaves_no_process_and_exits_with_the_ranks_status(tmp_path, ending, ranks, status):
     metrics = tmp_path / "logs" / "metrics.jsonl"
     proc = _launch(tmp_path, ending, ranks)
     family = {}
     try:
-        family = _run_to_its_end(proc, metrics, signal_after_steps=2 if ending == "preemption" else None)
+        family = _run_to_its_end(proc, metrics, STOPS.get(ending))
         ended = time.time()
         output = (tmp_path / "launcher.log").read_text()
         assert proc.poll() is not None, f"the launcher did not end:\n{output[-3000:]}"
@@ -137,8 +150,10 @@ def test_every_ending_leaves_no_process_and_exits_with_the_ranks_status(tmp_path
         errors = {line for line in output.splitlines() if line.startswith("error:")}
         assert len(errors) == 1 and "training diverged" in errors.pop()  # the same line from each rank
         assert "Traceback" not in output
-    else:
+    elif ending == "crash":
         assert "RuntimeError: injected fault on rank 1" in output
+    else:
+        assert f"error: rank 1 on {os.uname().nodename} has not answered for" in output
 
 
 @pytest.mark.parametrize("kept", [True, False])
