@@ -14,28 +14,17 @@ import sys
 import time
 import uuid
 
-import psutil
 import pytest
 
 from megatron.launcher import free_port
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "training"))
+from test_endings import survivors  # noqa: E402
 from test_resume import ROOT, TINY, tiny_overrides  # noqa: E402
 
 pytestmark = [pytest.mark.cluster, pytest.mark.distributed, pytest.mark.slow]
 JOB_MARK = "NEOX_STOP_TEST_JOB"
 STOP_BOUND_S = 120
-
-
-def _job_processes(job: str) -> list[str]:
-    found = []
-    for proc in psutil.process_iter(["pid", "cmdline", "status"]):
-        try:
-            if proc.info["status"] != psutil.STATUS_ZOMBIE and proc.environ().get(JOB_MARK) == job:
-                found.append(f"{proc.pid}: {' '.join(proc.info['cmdline'] or ())[:160]}")
-        except psutil.Error:
-            continue
-    return found
 
 
 def _wait_for_steps(metrics, steps, proc, timeout=300):
@@ -60,10 +49,7 @@ def _assert_stopped_and_saved(tmp_path, proc, output):
     assert int(tag.removeprefix("global_step")) >= 2
     assert sorted(p.name for p in (save / tag).glob("rank_*_extra_state.pt")) == [
         "rank_00000_extra_state.pt", "rank_00001_extra_state.pt"]
-    deadline = time.time() + 15  # the readers die with their ranks a moment after them
-    while _job_processes(str(tmp_path)) and time.time() < deadline:
-        time.sleep(0.5)
-    assert _job_processes(str(tmp_path)) == []
+    assert survivors(JOB_MARK, str(tmp_path)) == []
 
 
 def _deepy_command(tmp_path, hostfile=None, **extra) -> list[str]:
