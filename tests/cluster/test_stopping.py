@@ -108,3 +108,13 @@ def test_scancel_batch_term_to_deepy_on_slurm_saves_on_every_node(cluster, tmp_p
     text = (tmp_path / "batch.log").read_text()
     assert "deepy: SIGTERM: asking the ranks to save" in text
     assert text.count("received SIGUSR1: will save a checkpoint") == 2
+
+
+def test_sigterm_to_deepy_on_openmpi_saves_on_every_node(cluster, tmp_path):
+    """deepy passes SIGUSR1 to mpirun, which hands it to every rank (on SIGTERM mpirun
+    kills the ranks within a second)."""
+    hostfile = cluster.hostfile(tmp_path, {"node2": 1, "node3": 1})
+    text = _stop_after_two_steps(cluster, tmp_path, _deepy_command(tmp_path, hostfile, launcher="openmpi"),
+                                 lambda proc: proc.send_signal(signal.SIGTERM))
+    assert "mpirun: Forwarding signal 10 to job" in text
+    assert text.count("received SIGUSR1: will save a checkpoint") == 2
