@@ -2,10 +2,12 @@
 
     python deepy.py train.py a.yml b.yml [-d CONF_DIR] [-H hostfile]
 
-With GPUs (or a hostfile) this hands DeepSpeed's runner the same options GPT-NeoX's
-deepy passes (only non-default ones) and the encoded config. Without CUDA it runs one
-rank in this process, or N ranks through torchrun (DeepSpeed's CPU launcher counts NUMA
-nodes, not cores, so it would start a single rank).
+With GPUs (or a hostfile) this hands DeepSpeed's runner (pdsh, mvapich) the same options
+GPT-NeoX's deepy passes (only non-default ones) and the encoded config; ``launcher:
+slurm`` and ``launcher: openmpi`` start the ranks with srun/mpirun directly
+(megatron.multinode). Without CUDA or a cluster it runs one rank in this process, or N
+ranks through torchrun (DeepSpeed's CPU launcher counts NUMA nodes, not cores, so it
+would start a single rank).
 """
 import contextlib
 import functools
@@ -29,10 +31,10 @@ from megatron.multinode import (
     slurm_allocation_hosts,
     srun_command,
 )
+from megatron.parallel.distributed import DEFAULT_MASTER_PORT, free_port
 from megatron.processes import die_with_parent, is_rank
 
 log = logging.getLogger(__name__)
-DEFAULT_MASTER_PORT = 29500
 MULTI_NODE_LAUNCHERS = ("slurm", "openmpi", "mvapich")
 OWN_LAUNCHERS = ("slurm", "openmpi")  # started here (megatron.multinode), not by DeepSpeed
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -101,12 +103,6 @@ def build_launch_command(args, script: str, extra_argv=()) -> list[str]:
     if args.no_ssh_check:
         cmd += ["--no_ssh_check"]
     return cmd + [script, *extra_argv, NEOX_CONFIG_FLAG, args.launch_argument()]
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_in_process(script: str, argv: list[str]) -> int:

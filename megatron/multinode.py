@@ -24,7 +24,7 @@ from megatron.parallel.distributed import expand_hostlist, expand_tasks_per_node
 FORWARDED_BY_DEFAULT = (
     "WANDB_*", "HF_*", "HUGGING_FACE_*", "TRANSFORMERS_*", "TOKENIZERS_PARALLELISM",
     "OMP_NUM_THREADS", "MKL_NUM_THREADS", "DS_*", "PYTHONPATH", "PYTHONUNBUFFERED",
-    "CUDA_*", "NCCL_*", "TORCH_*", "GLOO_*", "UCX_*", "FI_*", "MASTER_PORT",
+    "CUDA_*", "NCCL_*", "TORCH_*", "GLOO_*", "UCX_*", "FI_*",
 )
 NEVER_FORWARDED = ("CUDA_VISIBLE_DEVICES",)
 
@@ -93,8 +93,7 @@ def mpirun_command(args, hosts: dict[str, int], script: str, rank_argv: list[str
     if os.geteuid() == 0:
         cmd.append("--allow-run-as-root")
     for name in forwarded:
-        if name != "MASTER_PORT":
-            cmd += ["-x", name]
+        cmd += ["-x", name]
     return cmd + rank_command(script, rank_argv)
 
 

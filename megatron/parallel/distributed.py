@@ -135,7 +135,7 @@ def _from_openmpi(environ, configured_port) -> RankPlacement:
                                    f"OMPI_COMM_WORLD_SIZE={environ['OMPI_COMM_WORLD_SIZE']}")
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -151,7 +151,7 @@ def discover_rank(environ=None, master_port: int | None = None) -> RankPlacement
     if "OMPI_COMM_WORLD_RANK" in environ:
         return _from_openmpi(environ, master_port)
     # A free port: two single-process runs on one machine must not fight over 29500.
-    port = _port(environ, master_port, 0) or _free_port()
+    port = _port(environ, master_port, 0) or free_port()
     return RankPlacement(0, 0, 1, 1, environ.get("MASTER_ADDR", "127.0.0.1"), port,
                          "no launcher", "a world of one")
 

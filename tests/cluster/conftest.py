@@ -78,6 +78,8 @@ def cluster():
     try:
         simcluster.up()
     except (simcluster.ClusterUnavailable, OSError, subprocess.CalledProcessError) as e:
+        if started_here:
+            simcluster.down()  # what did start
         pytest.skip(f"the simulated cluster cannot start here: {e}")
     yield Cluster()
     if started_here:

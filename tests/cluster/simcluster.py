@@ -278,8 +278,23 @@ def _stop(name: str) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
+def _cancel_jobs() -> None:
+    """Cancel what still runs on the cluster (a failed test's job) before slurmd goes."""
+    env = dict(os.environ, **slurm_environment())
+    jobs = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, env=env).stdout.split()
+    if jobs:
+        subprocess.run(["scancel", *jobs], env=env, capture_output=True)
+        try:
+            _wait_for(lambda: not subprocess.run(["squeue", "-h"], capture_output=True, text=True,
+                                                 env=env).stdout.strip(), "cancelling the jobs")
+        except ClusterUnavailable:
+            pass  # stopping slurmd below ends what is left
+
+
 def down() -> None:
     """Stop every daemon by its PID and undo the edits to /etc/hosts and ~/.ssh/config."""
+    if _read_pid("slurmctld") is not None:
+        _cancel_jobs()
     for name in (*(f"slurmd_{n}" for n in NODES), "slurmctld", "munged", *(f"sshd_{n}" for n in NODES)):
         _stop(name)
     _remove_block(HOSTS_FILE)

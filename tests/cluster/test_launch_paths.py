@@ -17,9 +17,12 @@ resume across nodes as well as its own launch (its steps 3-4 against the referen
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import shlex
+import signal
 import sys
 import time
 import uuid
@@ -57,16 +60,23 @@ class Run:
         return self.cluster.env(**{TAG_VARIABLE: self.tag, "WANDB_API_KEY": f"secret-{self.tag}"}, **extra)
 
     def launch(self, cmd: list[str], env: dict | None = None) -> str:
-        result = self.cluster.run(cmd, timeout=LAUNCH_TIMEOUT, env=env or self.env())
+        try:
+            result = self.cluster.run(cmd, timeout=LAUNCH_TIMEOUT, env=env or self.env())
+        finally:
+            self.assert_no_process_left()
         (self.dir / "output.txt").write_text(result.stdout)
         assert result.returncode == 0, f"{cmd[:3]} exited {result.returncode}:\n{result.stdout[-6000:]}"
-        self.assert_no_process_left()
         return result.stdout
 
     def assert_no_process_left(self):
+        """Every process of the run, on every node, is gone soon after its launcher; what
+        is left is killed (so a failure does not slow the next test) and fails the test."""
         deadline = time.monotonic() + EXIT_GRACE
         while (left := processes_tagged(self.tag)) and time.monotonic() < deadline:
             time.sleep(0.5)
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         assert not left, f"still running {EXIT_GRACE} s after the launcher exited: {left}"
 
     def losses(self) -> dict[int, float]:
@@ -74,15 +84,16 @@ class Run:
         return {row["iteration"]: row["train/lm_loss"] for row in rows if "train/lm_loss" in row}
 
 
-def processes_tagged(tag: str) -> list[str]:
-    """Processes (on any simulated node: all share this machine) carrying the run's tag."""
+def processes_tagged(tag: str) -> list[int]:
+    """PIDs of the processes (on any simulated node: all share this machine) carrying the
+    run's tag in their environment."""
     import psutil
 
     found = []
-    for proc in psutil.process_iter(["pid", "name", "status"]):
+    for proc in psutil.process_iter(["status"]):
         try:
             if proc.info["status"] != psutil.STATUS_ZOMBIE and proc.environ().get(TAG_VARIABLE) == tag:
-                found.append(f"{proc.pid} {proc.info['name']}")
+                found.append(proc.pid)
         except psutil.Error:
             continue
     return found

@@ -99,3 +99,30 @@ def test_srun_and_mpirun_commands_start_one_task_per_slot(monkeypatch):
 def test_slurm_allocation_gives_hosts_and_tasks_per_node():
     assert slurm_allocation_hosts(SRUN_TASK) == {"gpu07": 2, "gpu08": 2}
     assert slurm_allocation_hosts({}) == {}
+
+
+TIMEOUT_PROBE = """
+from megatron.config import NeoXArgs
+from megatron.parallel.distributed import init_distributed
+import torch, torch.distributed as dist
+args = NeoXArgs.from_ymls([{config!r}], overrides={{"distributed_timeout_minutes": 3}})
+init_distributed(args)
+print("timeout", dist.group.WORLD._get_backend(torch.device("cpu")).options._timeout)
+"""
+
+
+@pytest.mark.slow  # a fresh interpreter imports torch and DeepSpeed
+def test_process_group_gets_the_configured_collective_timeout():
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    proc = subprocess.run([sys.executable, "-c", TIMEOUT_PROBE.format(config=TINY)], env=env,
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    startup = [line for line in lines if line.startswith("rank ")]
+    assert len(startup) == 1 and "rank 0/1 (local 0/1) from no launcher" in startup[0]
+    assert "timeout 0:03:00" in lines
