@@ -24,9 +24,12 @@ import torch.distributed as dist
 
 BEATS_PER_TIMEOUT = 6
 DONE = "done"
+STOP_WAIT_S = 10
 
 
 class PeerWatchdog:
+    """This rank's heartbeat and its watch over every other rank's (module docstring)."""
+
     def __init__(self, rank: int, world_size: int, timeout_s: float):
         self.rank, self.world_size, self.timeout_s = rank, world_size, timeout_s
         client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
@@ -48,11 +51,8 @@ class PeerWatchdog:
     def stop(self) -> None:
         """This rank's run has ended (any way): its peers stop waiting for its beat."""
         self._stopped.set()
-        self._thread.join()
-        try:
-            self._store.set(f"beat/{self.rank}", DONE)
-        except Exception:  # the store's host already left; nobody is waiting then
-            pass
+        # bounded: a store whose host froze would hold the thread for the store timeout
+        self._thread.join(timeout=STOP_WAIT_S)
 
     def _watch(self) -> None:
         beats, seen, since = 0, {}, {}
@@ -72,11 +72,17 @@ class PeerWatchdog:
                         self._end_job(peer, now - since.get(peer, started))
             except Exception:  # see the module docstring
                 continue
+        try:
+            self._store.set(f"beat/{self.rank}", DONE)
+        except Exception:  # the store's host already left; nobody is waiting then
+            pass
 
     def _end_job(self, peer: int, quiet_s: float) -> None:
-        key = f"host/{peer}"
-        host = self._store.get(key).decode() if self._store.check([key]) else "an unknown node"
-        print(f"error: rank {peer} on {host} has not answered for {quiet_s:.0f} s (stopped, hung or "
-              f"gone; peer_heartbeat_timeout_seconds: {self.timeout_s:g}); rank {self.rank} exits so "
-              f"that the job ends", file=sys.__stderr__, flush=True)
-        os._exit(1)  # the main thread is blocked in a collective with that rank
+        try:
+            key = f"host/{peer}"
+            host = self._store.get(key).decode() if self._store.check([key]) else "an unknown node"
+            print(f"error: rank {peer} on {host} has not answered for {quiet_s:.0f} s (stopped, hung or "
+                  f"gone; peer_heartbeat_timeout_seconds: {self.timeout_s:g}); rank {self.rank} exits so "
+                  f"that the job ends", file=sys.stderr, flush=True)
+        finally:
+            os._exit(1)  # the main thread is blocked in a collective with that rank
