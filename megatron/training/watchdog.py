@@ -5,8 +5,8 @@ wait in their next collective for the whole collective timeout (``distributed_ti
 minutes``). Here every rank's background thread bumps a counter in the rendezvous store
 and reads everyone's: a counter that has not moved for ``peer_heartbeat_timeout_seconds``
 by this rank's clock (the nodes' clocks need not agree) means that rank has stopped
-answering. Each peer then prints one line naming the rank and its node and exits 1, so
-its launcher ends the job. The thread runs whatever the main thread is doing (a long
+answering. Each peer then prints one line naming the rank and its node, kills it if it
+runs on the same machine, and exits 1, so its launcher ends the job. The thread runs whatever the main thread is doing (a long
 save, building index maps), so only a frozen or vanished process goes quiet. A rank whose
 run has ended says so and is not waited for. Store errors are not counted (the store's
 host is gone: the collectives end the job then).
@@ -14,6 +14,7 @@ host is gone: the collectives end the job then).
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
 import threading
@@ -35,7 +36,7 @@ class PeerWatchdog:
         client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
                                timeout=timedelta(seconds=timeout_s))
         self._store = dist.PrefixStore("neox_peer_watchdog", client)
-        self._store.set(f"host/{rank}", socket.gethostname())
+        self._store.set(f"process/{rank}", f"{socket.gethostname()} {os.getpid()}")
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="peer-watchdog", daemon=True)
         self._thread.start()
@@ -79,10 +80,14 @@ class PeerWatchdog:
 
     def _end_job(self, peer: int, quiet_s: float) -> None:
         try:
-            key = f"host/{peer}"
-            host = self._store.get(key).decode() if self._store.check([key]) else "an unknown node"
+            key = f"process/{peer}"
+            host, pid = self._store.get(key).decode().split() if self._store.check([key]) else ("an unknown node", "0")
             print(f"error: rank {peer} on {host} has not answered for {quiet_s:.0f} s (stopped, hung or "
                   f"gone; peer_heartbeat_timeout_seconds: {self.timeout_s:g}); rank {self.rank} exits so "
                   f"that the job ends", file=sys.stderr, flush=True)
+            if host == socket.gethostname():
+                # A stopped process ignores the SIGTERM its launcher would send first (torchrun
+                # then waits 30 s before SIGKILL); on this machine, end it now.
+                os.kill(int(pid), signal.SIGKILL)
         finally:
             os._exit(1)  # the main thread is blocked in a collective with that rank
