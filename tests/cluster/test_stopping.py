@@ -14,6 +14,7 @@ import sys
 import time
 import uuid
 
+import psutil
 import pytest
 
 from megatron.launcher import free_port
@@ -118,3 +119,37 @@ def test_sigterm_to_deepy_on_openmpi_saves_on_every_node(cluster, tmp_path):
                                  lambda proc: proc.send_signal(signal.SIGTERM))
     assert "mpirun: Forwarding signal 10 to job" in text
     assert text.count("received SIGUSR1: will save a checkpoint") == 2
+
+
+def test_a_stopped_rank_ends_the_slurm_job_naming_it(cluster, tmp_path):
+    """SIGSTOP to one rank: its peer's watchdog names it within peer_heartbeat_timeout_seconds
+    and exits 1, srun ends the job (--kill-on-bad-exit), and deepy exits non-zero."""
+    hostfile = cluster.hostfile(tmp_path, {"node1": 1, "node2": 1})
+    cmd = _deepy_command(tmp_path, hostfile, launcher="slurm", peer_heartbeat_timeout_seconds=6)
+    output = tmp_path / "job.log"
+    with open(output, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=cluster.env(**{JOB_MARK: str(tmp_path)}), stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_for_steps(tmp_path / "logs" / "metrics.jsonl", 2, proc)
+        rank_1 = [p for p in psutil.process_iter() if _is_job_rank(p, str(tmp_path), "1")]
+        assert len(rank_1) == 1, rank_1
+        rank_1[0].suspend()
+        status = proc.wait(timeout=STOP_BOUND_S)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = output.read_text()
+    assert status != 0, text[-3000:]
+    assert "error: rank 1 on " in text and "has not answered for" in text, text[-3000:]
+    assert survivors(JOB_MARK, str(tmp_path)) == []
+
+
+def _is_job_rank(proc, job: str, slurm_procid: str) -> bool:
+    """srun's task ``slurm_procid`` of ``job``: not one of its DataLoader readers (its children)."""
+    try:
+        environ = proc.environ()
+        return (environ.get(JOB_MARK) == job and environ.get("SLURM_PROCID") == slurm_procid
+                and "train.py" in proc.cmdline() and "train.py" not in proc.parent().cmdline())
+    except psutil.Error:
+        return False
