@@ -90,14 +90,16 @@ def _port(environ, configured: int | None, fallback: int) -> int:
 
 
 def _from_launcher(environ, configured_port) -> RankPlacement:
-    source = "torchrun" if "TORCHELASTIC_RUN_ID" in environ else "launcher environment"
+    # DeepSpeed's launch.py says LOCAL_SIZE where torchrun says LOCAL_WORLD_SIZE.
+    source = ("torchrun" if "TORCHELASTIC_RUN_ID" in environ else
+              "deepspeed" if "LOCAL_SIZE" in environ else "launcher environment")
     def number(name, default):
         return _int(environ, name) if name in environ else default
 
     world = _int(environ, "WORLD_SIZE")
     return RankPlacement(
         rank=number("RANK", 0), local_rank=number("LOCAL_RANK", 0), world_size=world,
-        local_world_size=number("LOCAL_WORLD_SIZE", world),
+        local_world_size=number("LOCAL_WORLD_SIZE", number("LOCAL_SIZE", world)),
         master_addr=environ.get("MASTER_ADDR", "127.0.0.1"),
         master_port=_port(environ, configured_port, DEFAULT_MASTER_PORT), source=source,
         evidence=f"RANK={environ.get('RANK', '(unset: 0)')} WORLD_SIZE={environ['WORLD_SIZE']}")

@@ -154,7 +154,8 @@ def pdsh_pp3(cluster, cluster_runs):
 
 def test_pdsh_hostfile_pipeline_matches_one_node(pdsh_pp3, reference_pp3):
     run, output = pdsh_pp3
-    assert rank_sources(output, 3) == {"launcher environment"}  # DeepSpeed's launch.py
+    assert rank_sources(output, 3) == {"deepspeed"}  # DeepSpeed's launch.py on each node
+    assert all(m.group(4) == "1" for m in RANK_LINE.finditer(output))  # one rank per node
     assert {line.split(":")[0] for line in output.splitlines() if RANK_LINE.search(line)} == {
         "node1", "node2", "node3"}
     assert_same_losses(run, reference_pp3)

@@ -49,6 +49,13 @@ def test_batch_script_itself_is_not_a_rank_and_torchrun_wins_over_slurm():
     assert (placed.rank, placed.world_size, placed.source) == (5, 8, "torchrun")
 
 
+def test_deepspeed_launch_rank_reads_its_local_size():
+    launched = {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "LOCAL_SIZE": "2",
+                "MASTER_ADDR": "node1", "MASTER_PORT": "29500"}
+    placed = discover_rank(launched)
+    assert (placed.rank, placed.local_rank, placed.local_world_size, placed.source) == (3, 1, 2, "deepspeed")
+
+
 def test_openmpi_rank_needs_the_exported_master_address():
     ompi = {"OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_LOCAL_RANK": "0",
             "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}
