@@ -51,9 +51,10 @@ AT_LEAST_1 = (
     "max_position_embeddings", "intermediate_size", "num_kv_heads", "train_batch_size",
     "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_iters",
     "lr_decay_iters", "model_parallel_size", "make_vocab_size_divisible_by", "log_interval",
-    "steps_per_print", "checkpoint_num_layers", "exit_interval", "keep_last_n_checkpoints")
+    "steps_per_print", "checkpoint_num_layers", "exit_interval", "keep_last_n_checkpoints",
+    "distributed_timeout_minutes")
 AT_LEAST_0 = (
-    "pipe_parallel_size", "eval_interval", "eval_iters", "num_workers", "nan_tolerance",
+    "peer_heartbeat_timeout_seconds", "pipe_parallel_size", "eval_interval", "eval_iters", "num_workers", "nan_tolerance",
     "seed", "min_lr", "weight_decay", "gradient_clipping", "eval_num_fewshot", "iteration",
     "profile_step_start", "profile_step_stop")
 POSITIVE = ("layernorm_epsilon", "init_method_std", "rotary_emb_base",

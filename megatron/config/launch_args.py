@@ -125,10 +125,7 @@ def consume(argv=None, prog: str = "train.py"):
 
 
 def world_size_from_env(args) -> int:
-    """WORLD_SIZE (torchrun, DeepSpeed), else srun's/MPI's count when the config says the
-    ranks were started that way, else 1 (plain ``python train.py``)."""
-    for var, applies in (("WORLD_SIZE", True), ("SLURM_NTASKS", args.deepspeed_slurm),
-                         ("OMPI_COMM_WORLD_SIZE", args.deepspeed_mpi)):
-        if applies and var in os.environ:
-            return int(os.environ[var])
-    return 1
+    """The world size this rank's launcher set up (megatron.parallel.distributed)."""
+    from megatron.parallel.distributed import discover_rank
+
+    return discover_rank(master_port=args.master_port).world_size

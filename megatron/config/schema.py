@@ -298,13 +298,27 @@ class LauncherArgs:
     master_port: int = arg(29500, "Rendezvous port.")
     master_addr: Optional[str] = arg(None, "Rendezvous address.")
     launcher: Literal["pdsh", "openmpi", "mvapich", "slurm"] = arg(
-        "pdsh", "Multi-node launcher.")
+        "pdsh", "Multi-node launcher: pdsh (DeepSpeed's runner over ssh), slurm (srun, no "
+        "ssh), openmpi (mpirun) or mvapich (DeepSpeed's runner); docs/launching.md.")
     force_multi: bool = arg(False, "Use the multi-node launcher even on one node.")
     no_ssh_check: bool = arg(False, "Skip DeepSpeed's passwordless-ssh check.")
     comment: Optional[str] = arg(None, "slurm --comment.")
     account: Optional[str] = arg(None, "slurm --account.")
-    deepspeed_slurm: bool = arg(False, "Ranks read SLURM_* variables.")
-    deepspeed_mpi: bool = arg(False, "Ranks discover their rank through MPI.")
+    deepspeed_slurm: bool = arg(False, "NeoX: ranks read SLURM_* variables.",
+                                no_effect="a rank started by srun always reads them")
+    deepspeed_mpi: bool = arg(False, "NeoX: ranks discover their rank through MPI.",
+                              no_effect="a rank started by mpirun always reads OMPI_COMM_WORLD_*")
+    launcher_env: list[str] = arg(
+        [], "More environment variables deepy.py passes to every rank, by name or fnmatch "
+        "pattern (e.g. [MY_TOKEN, 'AWS_*']), on top of the default set (WANDB_*, HF_*, "
+        "OMP_NUM_THREADS, DS_*, PYTHONPATH, CUDA_*, NCCL_*, TORCH_*, ...; docs/launching.md).")
+    distributed_timeout_minutes: int = arg(
+        10, "Collective timeout: a rank waiting this long in a collective (a peer hung or "
+        "gone) fails and ends the job. Must exceed the longest time one rank works alone "
+        "between collectives (a checkpoint save, building data indices).")
+    peer_heartbeat_timeout_seconds: int = arg(
+        120, "A rank whose heartbeat has not moved for this long (stopped, hung or gone) ends "
+        "the job: its peers name it in one line and exit (0: off; docs/launching.md).")
 
 
 @dataclass

@@ -5,18 +5,22 @@ are GPT-NeoX v1.0's, so a NeoX config trains on the same tokens in the same orde
 """
 from __future__ import annotations
 
+import atexit
 import math
 import os
 import signal
+import weakref
 
 import numpy as np
 import torch
+import torch.utils.data
 
 from megatron.data.blendable_dataset import BlendableDataset
 from megatron.data.gpt2_dataset import GPT2Dataset
 from megatron.data.indexed_dataset import MMapIndexedDataset
 from megatron.data.preshuffled_dataset import PreshuffledDataset
 from megatron.errors import ConfigError
+from megatron.processes import die_with_parent
 
 BLEND_MARGIN = 1.005  # NeoX asks each blended dataset for 0.5% extra samples
 
@@ -194,15 +198,54 @@ def make_data_iterator(dataset, args, dp_rank: int, dp_size: int, start_iteratio
         yield from map(micro_batch.__getitem__, order)
         return
     # Worker processes read ahead (2 micro-batches each); the sampler keeps the order.
-    yield from torch.utils.data.DataLoader(micro_batch, sampler=order, batch_size=None,
-                                           num_workers=workers, pin_memory=torch.cuda.is_available(),
-                                           worker_init_fn=_leave_signals_to_the_rank)
+    loader = iter(torch.utils.data.DataLoader(micro_batch, sampler=order, batch_size=None,
+                                              num_workers=workers, pin_memory=torch.cuda.is_available(),
+                                              worker_init_fn=_leave_signals_to_the_rank))
+    _reading_loaders.add(loader)
+    try:
+        yield from loader
+    finally:
+        _stop_readers(loader)
+
+
+# Streams whose reader processes may still run. A pipeline engine keeps the last stream
+# it was given until the interpreter exits, so the streams are not collected in time.
+_reading_loaders = weakref.WeakSet()
+
+
+def shutdown_data_loaders() -> None:
+    """Stop the reader processes of every micro-batch stream of this process.
+
+    Every ending of a run calls it (the training loop, then ``atexit``): the readers
+    ignore SIGTERM (below), and multiprocessing's own exit handler stops children with
+    SIGTERM and waits for them, so without this a run would hang after its last line.
+    """
+    for loader in list(_reading_loaders):
+        _stop_readers(loader)
+
+
+def _stop_readers(loader) -> None:
+    readers = list(loader._workers)
+    loader._shutdown_workers()  # asks them to leave (what the loader's __del__ does)
+    for reader in readers:
+        if reader.is_alive():  # busy past the loader's grace period; SIGTERM is ignored
+            reader.kill()
+            reader.join()
+    _reading_loaders.discard(loader)
+
+
+# Registered after multiprocessing's and torch's exit handlers, so it runs before them
+# (atexit is last-in, first-out) while the loaders can still be shut down.
+atexit.register(shutdown_data_loaders)
 
 
 def _leave_signals_to_the_rank(worker_id: int) -> None:
-    """A preemption signal sent to the whole process group must reach the rank, which
-    saves a checkpoint, not kill its readers first (the rank would then die with a
-    DataLoader error instead of saving). Workers end with their rank either way."""
+    """A preemption signal sent to the whole process group (or every process of a slurm
+    step) must reach the rank, which saves a checkpoint, not kill its readers first (the
+    rank would then die with a DataLoader error instead of saving). The rank stops its
+    readers at every ending (shutdown_data_loaders); if it dies before that, even by
+    SIGKILL, the kernel kills them with it."""
+    die_with_parent(signal.SIGKILL)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):  # USR1: slurm's --signal
         signal.signal(sig, signal.SIG_IGN)
 

@@ -94,9 +94,9 @@ def load_parallel_model(args, checkpoint: str, iteration: int | None = None):
     from megatron.parallel import ParallelGroups
     from megatron.training.checkpointing import load_checkpoint
     from megatron.training.engine import build_trainer
-    from megatron.training.loop import init_distributed
+    from megatron.parallel.distributed import init_distributed
 
-    init_distributed()
+    init_distributed(args)
     args.configure_world(dist.get_world_size())
     groups = ParallelGroups.build(max(1, args.pipe_parallel_size), args.model_parallel_size)
     # Weights only: no optimizer or RNG state, no L2E hooks, no recomputation.

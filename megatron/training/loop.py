@@ -12,31 +12,15 @@ import os
 import random
 import time
 
-import deepspeed
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from megatron.errors import ConfigError
+from megatron.parallel.distributed import init_distributed
 from megatron.training.checkpoint_validation import validate_checkpoint
 from megatron.training.engine import Trainer, build_trainer, lm_loss
-
-
-def init_distributed():
-    """torch.distributed via DeepSpeed (nccl on GPUs, gloo on CPU); a no-op when already up."""
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    for key, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
-                         ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500")):
-        # A plain `python train.py` is a world of one; without these DeepSpeed tries MPI.
-        os.environ.setdefault(key, default)
-    if not dist.is_initialized():
-        from megatron.training.robustness import check_extension_locks
-
-        # DeepSpeed JIT-builds its CPU comm op here; a killed build's lock would hang us
-        check_extension_locks(single_node=os.environ["WORLD_SIZE"] == os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+from megatron.training.watchdog import PeerWatchdog
 
 
 def set_seeds(seed: int):
@@ -146,12 +130,13 @@ def _run_eval_tasks(args, trainer, groups, tokenizer) -> dict:
 
 
 def pretrain(args) -> dict:
-    """Train ``args`` to ``train_iters``; returns the per-step lm losses and final iteration."""
+    """Train ``args`` to ``train_iters``; returns the per-step lm losses, the final iteration
+    and whether a preemption signal stopped it."""
     from megatron.training import preflight, save_dir
 
     started = time.perf_counter()
     _check_runtime_settings(args)
-    init_distributed()
+    init_distributed(args)
     preflight.check_paths(args)  # an unwritable save is named before the lock tries to write there
     lock = save_dir.lock_save_dir(args)  # one writer per save directory, for the whole run
     try:
@@ -162,13 +147,15 @@ def pretrain(args) -> dict:
 
 
 def _pretrain(args, started: float) -> dict:
-    from megatron.data.data_utils import build_train_valid_test_datasets, make_data_iterator
+    from megatron.data.data_utils import (build_train_valid_test_datasets, make_data_iterator,
+                                          shutdown_data_loaders)
     from megatron.parallel import ParallelGroups
     from megatron.tokenizer import build_tokenizer
     from megatron.training import checkpointing, logging, preflight, profiling, robustness, save_dir, summary
     from megatron.training.checkpoint_health import CheckpointHealth
 
     args.configure_world(dist.get_world_size())
+    watchdog = PeerWatchdog.start(args)
     groups = ParallelGroups.build(max(1, args.pipe_parallel_size), args.model_parallel_size)
     set_seeds(args.seed)
     tokenizer = build_tokenizer(args)
@@ -248,10 +235,15 @@ def _pretrain(args, started: float) -> dict:
         summary.announce_end(args, logger, start, iteration, time.perf_counter() - started,
                              guard.last_checkpoint if last_saved is not None else None)
     finally:
+        # Every ending (last step, preemption, error) stops the readers here, before the
+        # interpreter's exit; a pipeline engine still holds its stream.
+        shutdown_data_loaders()
+        if watchdog is not None:
+            watchdog.stop()
         profiler.close()
         preemption.close()
         logger.close()
-    return {"iteration": iteration, "lm_loss": losses}
+    return {"iteration": iteration, "lm_loss": losses, "stopped_by_signal": preemption.flag}
 
 
 def _l2e_diagnostics_step(args, step: int) -> bool:

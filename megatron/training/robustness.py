@@ -201,6 +201,14 @@ class PreemptionHandler:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
+    @classmethod
+    def ignore_repeats(cls) -> None:
+        """For a process that is exiting after the save it was asked for: a repeated
+        request (sent again by a scheduler or a user, or one request reaching a rank
+        twice) must not turn its clean exit into a death by signal."""
+        for sig in cls.SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+
 
 class StaleBuildLockError(UserError):
     """A torch-extensions build lock left by a killed build (every later build waits on it)."""

@@ -17,6 +17,7 @@ import yaml
 
 from megatron.config.loading import SUMMARY_FILE
 from megatron.model import parameter_counts
+from megatron.multinode import forwarded_names
 from megatron.training.logging import format_duration
 
 
@@ -96,6 +97,8 @@ def build_summary(args, tokenizer_vocab: int, datasets, notes: dict | None = Non
             "tensorboard": args.tensorboard_dir, "wandb": args.wandb_project if args.use_wandb else None,
         },
     }
+    # Names only: values may be secrets (WANDB_API_KEY, HF_TOKEN).
+    summary["environment forwarded to every rank"] = forwarded_names(args.launcher_env) or "none"
     no_effect = [f"{key} ({why})" for key, why in args.no_effect_keys()]
     if no_effect:
         summary["accepted, no effect here"] = no_effect

@@ -74,15 +74,6 @@ def test_bad_hostfile_is_a_config_error(tmp_path):
         count_ranks(tiny(hostfile=str(tmp_path / "missing")), 0)
 
 
-def test_slurm_forces_multi_and_passes_comment_and_account():
-    args = tiny(launcher="slurm", deepspeed_slurm=True, comment="pythia run", account="neox")
-    opts = runner_options(build_launch_command(args, "train.py"))
-    assert opts == ["--launcher", "slurm", "--force_multi",
-                    "--launcher_args", "--comment 'pythia run' --account neox"]
-    with pytest.raises(ConfigError, match="launcher: slurm"):
-        build_launch_command(tiny(comment="x"), "train.py")
-
-
 @pytest.mark.parametrize("launcher", ["openmpi", "mvapich"])
 def test_mpi_launchers_force_multi(launcher):
     opts = runner_options(build_launch_command(tiny(launcher=launcher), "train.py"))
@@ -94,9 +85,9 @@ def test_deepspeed_runner_accepts_the_command(tmp_path):
 
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node1 slots=8\n")
-    args = tiny(hostfile=str(hostfile), launcher="slurm", comment="c", master_port=1234)
+    args = tiny(hostfile=str(hostfile), launcher="mvapich", master_port=1234)
     parsed = parse_args(build_launch_command(args, "train.py", ["--flag"]))
-    assert parsed.user_script == "train.py" and parsed.launcher == "slurm"
+    assert parsed.user_script == "train.py" and parsed.launcher == "mvapich"
     assert parsed.force_multi and parsed.master_port == 1234
     assert parsed.user_args[:2] == ["--flag", "--neox_config"]
 
