@@ -8,6 +8,6 @@ def load_model(path, **kwargs):
 
     ``model(input_ids)`` returns logits ``[batch, seq, padded_vocab]``.
     """
-    from megatron.checkpoint_format import load_model as _load_model
+    from megatron.checkpoint import load_model as _load_model
 
     return _load_model(path, **kwargs)

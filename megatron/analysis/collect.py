@@ -100,7 +100,7 @@ def load_model_and_tokenizer(model_path, tokenizer_path=None):
 def inhibited_layers(model_path) -> list[int]:
     """The layers L2E inhibited while training this checkpoint (from its saved config);
     [] for a monitor-only or plain run and for HF folders."""
-    from megatron.checkpoint_format import checkpoint_neox_args, resolve_step_dir
+    from megatron.checkpoint import checkpoint_neox_args, resolve_step_dir
 
     model_path = Path(model_path)
     if (model_path / "config.json").is_file():
@@ -122,7 +122,7 @@ def _tokenizer_json(path: Path):
 
 
 def _run_tokenizer(checkpoint: Path):
-    from megatron.checkpoint_format import checkpoint_neox_args, resolve_step_dir
+    from megatron.checkpoint import checkpoint_neox_args, resolve_step_dir
     from megatron.tokenizer import build_tokenizer
 
     args = checkpoint_neox_args(resolve_step_dir(checkpoint))

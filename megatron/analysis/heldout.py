@@ -54,8 +54,7 @@ def top_quantile(phi: torch.Tensor, rate: float = RATE) -> float:
 def running_statistics(checkpoint) -> dict:
     """{layer: RunningMoments state} saved by L2E in ``checkpoint`` (a save dir or a
     ``global_stepN`` dir); {} for an HF folder or a run without L2E state."""
-    from megatron.checkpoint_format import resolve_step_dir
-    from megatron.training.checkpointing import extra_state_name
+    from megatron.checkpoint import extra_state_name, resolve_step_dir
 
     checkpoint = Path(checkpoint)
     if (checkpoint / "config.json").is_file():

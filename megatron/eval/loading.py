@@ -34,7 +34,7 @@ def pick_tokenizer(neox_args, checkpoint: Path, iteration=None, tokenizer_path=N
         return build_tokenizer(neox_args)
     if (checkpoint / "tokenizer.json").is_file():
         return HFTokenizer(str(checkpoint / "tokenizer.json"))
-    from megatron.checkpoint_format import checkpoint_neox_args, resolve_step_dir
+    from megatron.checkpoint import checkpoint_neox_args, resolve_step_dir
 
     saved = checkpoint_neox_args(resolve_step_dir(checkpoint, iteration))
     if saved is not None and saved.vocab_file and Path(saved.vocab_file).is_file():
@@ -47,7 +47,7 @@ def checkpoint_iteration(checkpoint: Path, iteration=None) -> int | None:
     """The training step of the weights that will be loaded (None for an HF directory)."""
     if is_hf_checkpoint(checkpoint):
         return None
-    from megatron.checkpoint_format import resolve_step_dir
+    from megatron.checkpoint import resolve_step_dir
 
     match = STEP.match(resolve_step_dir(checkpoint, iteration).name)
     return int(match.group(1)) if match else iteration

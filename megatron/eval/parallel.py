@@ -92,7 +92,7 @@ def load_parallel_model(args, checkpoint: str, iteration: int | None = None):
     load weights only, from ``checkpoint``, with L2E and recomputation off.
     """
     from megatron.parallel import ParallelGroups
-    from megatron.training.checkpointing import load_checkpoint
+    from megatron.checkpoint import load_checkpoint
     from megatron.training.engine import build_trainer
     from megatron.parallel.distributed import init_distributed
 

@@ -95,7 +95,7 @@ class CharLevelTokenizer:
 
 # Which keys name the files of each tokenizer type.
 TOKENIZER_FILE_KEYS = {"hftokenizer": ("vocab_file",), "gpt2bpetokenizer": ("vocab_file", "merge_file")}
-# Where a checkpoint keeps copies of its tokenizer files (megatron.training.checkpointing).
+# Where a checkpoint keeps copies of its tokenizer files (megatron.checkpoint.save).
 CHECKPOINT_TOKENIZER_DIR = "tokenizer"
 
 

@@ -3,7 +3,7 @@ model that wrote it.
 
 After each save, every rank runs the live (possibly tp/pp-sharded) model on a fixed
 batch, and rank 0 reloads the checkpoint from disk as one plain fp32 model
-(``checkpoint_format.load_model``, the path converters and eval use) and runs the same
+(``megatron.checkpoint.load_model``, the path converters and eval use) and runs the same
 batch. The losses must agree (to float rounding in fp32, to the rounding of 16-bit
 weights otherwise); a mismatch is a CheckpointError rather than a run that later
 resumes from wrong weights. Costs one forward pass per rank and, on rank 0, a CPU copy
@@ -27,7 +27,7 @@ def _loss(logits: torch.Tensor, tokens: torch.Tensor) -> float:
 
 def validate_checkpoint(args, trainer, groups, ckpt_dir: str, vocab_size: int) -> None:
     """Collective: call on every rank right after ``save_checkpoint``."""
-    from megatron.checkpoint_format import load_model
+    from megatron.checkpoint import load_model
     from megatron.eval import parallel_logits_fn
 
     generator = torch.Generator().manual_seed(args.seed)

@@ -132,13 +132,14 @@ def _run_eval_tasks(args, trainer, groups, tokenizer) -> dict:
 def pretrain(args) -> dict:
     """Train ``args`` to ``train_iters``; returns the per-step lm losses, the final iteration
     and whether a preemption signal stopped it."""
-    from megatron.training import preflight, save_dir
+    from megatron import checkpoint
+    from megatron.training import preflight
 
     started = time.perf_counter()
     _check_runtime_settings(args)
     init_distributed(args)
     preflight.check_paths(args)  # an unwritable save is named before the lock tries to write there
-    lock = save_dir.lock_save_dir(args)  # one writer per save directory, for the whole run
+    lock = checkpoint.lock_save_dir(args)  # one writer per save directory, for the whole run
     try:
         return _pretrain(args, started)
     finally:
@@ -151,8 +152,8 @@ def _pretrain(args, started: float) -> dict:
                                           shutdown_data_loaders)
     from megatron.parallel import ParallelGroups
     from megatron.tokenizer import build_tokenizer
-    from megatron.training import checkpointing, logging, preflight, profiling, robustness, save_dir, summary
-    from megatron.training.checkpoint_health import CheckpointHealth
+    from megatron import checkpoint
+    from megatron.training import logging, preflight, profiling, robustness, summary
 
     args.configure_world(dist.get_world_size())
     watchdog = PeerWatchdog.start(args)
@@ -165,9 +166,9 @@ def _pretrain(args, started: float) -> dict:
     preflight.check_disk_space(args, preflight.model_parameter_count(trainer.engine, groups.dp_size))
 
     load_started = time.perf_counter()
-    iteration = checkpointing.load_checkpoint(args, trainer.engine, groups, l2e=trainer.l2e)
+    iteration = checkpoint.load_checkpoint(args, trainer.engine, groups, l2e=trainer.l2e)
     load_seconds = time.perf_counter() - load_started
-    save_dir.check_planned_saves(args, iteration)
+    checkpoint.check_planned_saves(args, iteration)
     train_ds, valid_ds, test_ds = build_train_valid_test_datasets(args)
     pipe = trainer.is_pipe
 
@@ -180,7 +181,7 @@ def _pretrain(args, started: float) -> dict:
     train_batches = batches(train_ds, iteration, trainer.engine.global_samples or None)
     valid_batches = batches(valid_ds, 0) if valid_ds is not None and args.eval_iters else None
 
-    loaded = os.path.join(args.load or "", checkpointing.checkpoint_tag(iteration))
+    loaded = os.path.join(args.load or "", checkpoint.checkpoint_tag(iteration))
     resumed_from = loaded if iteration and os.path.isdir(loaded) else None  # not an HF directory
     logger = logging.MetricsLogger(args, groups, engine=trainer.engine, start_iteration=iteration,
                                    checkpoint_dir=resumed_from)
@@ -189,9 +190,9 @@ def _pretrain(args, started: float) -> dict:
     summary.announce(args, tokenizer.vocab_size, (train_ds, valid_ds, test_ds), logger)
     profiler = profiling.StepProfiler(args)
     guard = robustness.NonFiniteLossGuard(args)
-    health = CheckpointHealth(args.save, is_writer=dist.get_rank() == 0)
+    health = checkpoint.CheckpointHealth(args.save, is_writer=dist.get_rank() == 0)
     if resumed_from:
-        health.start_from(args.load, checkpointing.checkpoint_tag(iteration))
+        health.start_from(args.load, checkpoint.checkpoint_tag(iteration))
         guard.last_checkpoint = health.last_good
     preemption = robustness.PreemptionHandler()
     losses, last_saved, start = [], None, iteration
@@ -199,10 +200,10 @@ def _pretrain(args, started: float) -> dict:
     def save(at):
         nonlocal last_saved
         with logger.outside_training("save"):
-            save_dir.check_save_step(args, at)
+            checkpoint.check_save_step(args, at)
             robustness.check_finite_weights(trainer.engine, at, health.last_good)
             verdict = health.verdict()
-            path = checkpointing.save_checkpoint(args, at, trainer.engine, groups, l2e=trainer.l2e,
+            path = checkpoint.save_checkpoint(args, at, trainer.engine, groups, l2e=trainer.l2e,
                                                  verdict=verdict)
             health.saved(path, verdict)
             guard.last_checkpoint = health.last_good
@@ -210,7 +211,7 @@ def _pretrain(args, started: float) -> dict:
             if args.checkpoint_validation_with_forward_pass:
                 validate_checkpoint(args, trainer, groups, path, tokenizer.vocab_size)
 
-    if iteration == 0 and checkpointing.should_save(args, 0):
+    if iteration == 0 and checkpoint.should_save(args, 0):
         save(0)  # Pythia keeps the initialisation (extra_save_iters starts with 0)
     try:
         while iteration < args.train_iters:
@@ -226,7 +227,7 @@ def _pretrain(args, started: float) -> dict:
             if args.eval_interval and iteration % args.eval_interval == 0:
                 with logger.outside_training("eval"):
                     _evaluate_all(args, trainer, groups, tokenizer, valid_batches, logger, iteration)
-            if checkpointing.should_save(args, iteration):
+            if checkpoint.should_save(args, iteration):
                 save(iteration)
             if preemption.requested() or (args.exit_interval and iteration - start >= args.exit_interval):
                 break

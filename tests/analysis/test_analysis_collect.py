@@ -80,7 +80,7 @@ def test_bad_layer_is_a_user_error(model, tmp_path):
 
 
 def test_our_checkpoint_brings_its_own_tokenizer(tmp_path):
-    from megatron.checkpoint_format import neox_model_yaml, save_neox_checkpoint
+    from megatron.checkpoint.layout import neox_model_yaml, save_neox_checkpoint
 
     vocab = Path(__file__).resolve().parents[2] / "data" / "tokenizers" / "austen_bpe4k.json"
     cfg = ModelConfig(vocab_size=4096, hidden_size=16, num_layers=2, num_heads=2)

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import GPTNeoXForCausalLM
 
-from megatron.checkpoint_format import LAYER_FILE, MP_FILE, load_model, read_neox_checkpoint
+from megatron.checkpoint.layout import LAYER_FILE, MP_FILE, load_model, read_neox_checkpoint
 from megatron.config import NeoXArgs
 from megatron.errors import CheckpointError
 from megatron.model.hf import hf_to_model_state_dict

@@ -21,7 +21,7 @@ STEP = 7
 def run_dir(tmp_path_factory):
     """runs/austen/checkpoints/global_step7: a random tiny model whose saved config names
     the Austen tokenizer, and a run config (model keys + load) for deepy."""
-    from megatron.checkpoint_format import neox_model_yaml, save_neox_checkpoint
+    from megatron.checkpoint.layout import neox_model_yaml, save_neox_checkpoint
     from megatron.model import GPTNeoX, ModelConfig, init_weights
 
     root = tmp_path_factory.mktemp("runs") / "austen"

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from megatron.errors import CheckpointError
-from megatron.training import checkpointing as ckpt
+from megatron import checkpoint as ckpt
+from megatron.checkpoint import rng
 from distributed import free_port
 
 
@@ -119,10 +120,10 @@ def test_save_load_roundtrip_restores_weights_optimizer_rng_and_l2e(tmp_path):
 
 @pytest.mark.gpu
 def test_cuda_rng_state_roundtrips_through_weights_only_file(tmp_path):
-    state = ckpt.rng_state()
+    state = rng.rng_state()
     expected = torch.rand(4, device="cuda")
     torch.save(state, tmp_path / "rng.pt")
-    ckpt.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    rng.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
     assert torch.equal(torch.rand(4, device="cuda"), expected)
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from distributed import run_distributed
-from megatron.training import elastic
+from megatron.checkpoint import elastic
 from test_resume import ROOT, TINY, tiny_overrides
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]

@@ -178,7 +178,7 @@ def _check_losses(results, single, per_param=True):
 
 
 def test_tensor_parallel_matches_single_process(single):
-    from megatron.checkpoint_format import merge_tp_shards
+    from megatron.checkpoint.layout import merge_tp_shards
 
     overrides = {"model_parallel_size": 2, "train_batch_size": 4, "train_micro_batch_size_per_gpu": 2,
                  "gradient_accumulation_steps": 2, **PER_PARAM}

@@ -152,7 +152,7 @@ def test_metrics_rows_have_timestamp_consumed_samples_and_timers(tiny_run):
 @pytest.mark.slow  # shares one ~15 s training run (the tiny_run fixture)
 def test_grad_norm_equals_plain_pytorch_reference(tiny_run):
     """Step 1's logged train/grad_norm is clip_grad_norm_'s norm for the same weights and batch."""
-    from megatron.checkpoint_format import load_model
+    from megatron.checkpoint.layout import load_model
     from megatron.data.data_utils import build_train_valid_test_datasets, get_batch, make_data_iterator
     from megatron.training.engine import lm_loss
 
@@ -170,7 +170,7 @@ def test_grad_norm_equals_plain_pytorch_reference(tiny_run):
 
 @pytest.mark.slow  # shares one ~15 s training run (the tiny_run fixture)
 def test_checkpoint_validation_passes_and_catches_wrong_weights(tiny_run):
-    from megatron.checkpoint_format import load_model
+    from megatron.checkpoint.layout import load_model
     from megatron.errors import CheckpointError
     from megatron.parallel import ParallelGroups
     from megatron.training.checkpoint_validation import validate_checkpoint

@@ -78,7 +78,7 @@ def test_divergence_keeps_names_and_resumes_from_the_last_trustworthy_checkpoint
 
 
 def test_loss_spike_and_nonfinite_steps_make_a_checkpoint_untrusted_and_revoke_the_previous(tmp_path):
-    from megatron.training import checkpoint_health as health
+    from megatron.checkpoint import health
 
     tracker = health.CheckpointHealth(str(tmp_path), is_writer=True)
     for step, loss in enumerate([3.0, 3.1, 2.9, 3.0], start=1):
@@ -170,12 +170,12 @@ def test_second_run_on_a_save_dir_is_refused_naming_the_holder_and_the_first_fin
 
 def test_lock_of_a_killed_holder_is_taken_over(tmp_path):
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from megatron.training.save_dir import SaveDirLock; "
+        [sys.executable, "-c", "import sys, time; from megatron.checkpoint.save_dir import SaveDirLock; "
          f"SaveDirLock({str(tmp_path)!r}).acquire(); print('held', flush=True); time.sleep({WAIT_S})"],
         env=ENV, text=True, stdout=subprocess.PIPE)
     try:
         assert holder.stdout.readline().strip() == "held"
-        from megatron.training.save_dir import SaveDirBusyError, SaveDirLock
+        from megatron.checkpoint.save_dir import SaveDirBusyError, SaveDirLock
 
         with pytest.raises(SaveDirBusyError, match=f"pid {holder.pid}"):
             SaveDirLock(str(tmp_path)).acquire()
@@ -195,8 +195,8 @@ def test_lock_of_a_killed_holder_is_taken_over(tmp_path):
 def test_lock_from_another_node_is_live_while_its_heartbeat_moves(tmp_path, monkeypatch):
     import threading
 
-    from megatron.training import save_dir
-    from megatron.training.save_dir import SaveDirBusyError, SaveDirLock
+    from megatron.checkpoint import save_dir
+    from megatron.checkpoint.save_dir import SaveDirBusyError, SaveDirLock
 
     monkeypatch.setattr(save_dir, "WATCH_S", 1.0)  # 75 s in a real run
     monkeypatch.setattr(save_dir, "POLL_S", 0.1)
@@ -230,7 +230,7 @@ def test_lock_from_another_node_is_live_while_its_heartbeat_moves(tmp_path, monk
 def _lock_on_every_rank(rank, world_size, save):
     from types import SimpleNamespace
 
-    from megatron.training.save_dir import SaveDirBusyError, lock_save_dir
+    from megatron.checkpoint.save_dir import SaveDirBusyError, lock_save_dir
 
     try:
         lock_save_dir(SimpleNamespace(save=save))
@@ -255,7 +255,7 @@ def test_every_rank_fails_together_when_rank_0_cannot_take_the_lock(tmp_path):
 
 def test_a_converters_step_inside_a_run_is_never_replaced_by_the_run(tmp_path):
     from megatron.config import NeoXArgs
-    from megatron.training.save_dir import OverwriteError, check_planned_saves
+    from megatron.checkpoint.save_dir import OverwriteError, check_planned_saves
 
     # what `convert_hf_to_neox.py --output RUN --iteration 6 --force` leaves beside the run's steps
     for step in (2, 4, 6):

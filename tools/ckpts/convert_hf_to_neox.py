@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a source checkout
 
-from megatron.checkpoint_format import (  # noqa: E402
+from megatron.checkpoint import (  # noqa: E402
     check_output_free, neox_args_dict, neox_model_yaml, save_neox_checkpoint,
 )
 from megatron.errors import ConfigError, cli_main  # noqa: E402

@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a source checkout
 
-from megatron.checkpoint_format import checkpoint_neox_args, read_neox_checkpoint, resolve_step_dir  # noqa: E402
+from megatron.checkpoint import checkpoint_neox_args, read_neox_checkpoint, resolve_step_dir  # noqa: E402
 from megatron.errors import TokenizerError, cli_main  # noqa: E402
 from megatron.model.hf import write_hf_checkpoint  # noqa: E402
 

@@ -19,12 +19,12 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a source checkout
 
-from megatron.checkpoint_format import (  # noqa: E402
+from megatron.checkpoint import (  # noqa: E402
     LAYER_FILE, MP_FILE, checkpoint_neox_args, layer_prefixes, resolve_step_dir,
 )
 from megatron.config.loading import SUMMARY_FILE  # noqa: E402
 from megatron.errors import UserError, cli_main  # noqa: E402
-from megatron import checkpoint_files as files  # noqa: E402
+from megatron import checkpoint as files  # noqa: E402
 
 KIND_TEXT = {
     "full": "neox-l2e checkpoint: weights, optimizer, LR schedule, RNG, L2E state, data position",

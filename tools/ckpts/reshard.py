@@ -25,10 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a sourc
 
 import torch  # noqa: E402
 
-from megatron.checkpoint_format import LAYER_FILE, MP_FILE, resolve_step_dir, split_tp_tensor  # noqa: E402
+from megatron.checkpoint import (  # noqa: E402
+    LAYER_FILE, MOMENTS, MP_FILE, SourceCheckpoint, resolve_step_dir, split_tp_tensor,
+)
 from megatron.errors import CheckpointError, cli_main  # noqa: E402
 from megatron.parallel.groups import build_topology  # noqa: E402
-from megatron.training.elastic import MOMENTS, SourceCheckpoint  # noqa: E402
 
 
 def parse_args(argv=None):

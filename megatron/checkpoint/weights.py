@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 
 from megatron.errors import CheckpointError
-from megatron import checkpoint_files as files
+from megatron.checkpoint import files
 
 
 def refresh_master_weights(engine) -> None:
@@ -46,7 +46,7 @@ def load_full_weights(engine, groups, sd: dict, num_layers: int, source: str) ->
     Any layout: the tensor-parallel shard is cut here, and each pipeline stage takes its
     own layers. Every rank holds the whole model in CPU memory meanwhile.
     """
-    from megatron.checkpoint_format import model_to_layer_state_dicts, split_tp_shards
+    from megatron.checkpoint.layout import model_to_layer_state_dicts, split_tp_shards
     from megatron.parallel import layer_modules
 
     tp = groups.tp_size if groups is not None else 1
@@ -75,7 +75,7 @@ def load_checkpoint_weights(args, engine, groups, info) -> None:
     if same_tp and pipelined_ckpt == hasattr(engine.module, "load_state_dir"):
         load_module_only(engine, info.path)
         return
-    from megatron.checkpoint_format import read_neox_checkpoint
+    from megatron.checkpoint.layout import read_neox_checkpoint
 
     _, sd = read_neox_checkpoint(info.path)
     load_full_weights(engine, groups, sd, args.num_layers, info.path)

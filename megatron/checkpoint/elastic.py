@@ -35,8 +35,9 @@ import re
 import torch
 import torch.distributed as dist
 
-from megatron.checkpoint_files import ZERO3_PREFIX, engine_state_file
-from megatron.checkpoint_format import merge_tp_tensor, split_tp_tensor
+from megatron.checkpoint import collective, rng
+from megatron.checkpoint.files import ZERO3_PREFIX, engine_state_file
+from megatron.checkpoint.layout import merge_tp_tensor, split_tp_tensor
 from megatron.errors import CheckpointError
 from megatron.parallel.groups import build_topology
 
@@ -57,15 +58,6 @@ def canonical_name(name: str) -> str:
     if not name.split(".", 1)[0].isdigit():
         raise CheckpointError(f"parameter {name!r} is not under a NeoX layer index; cannot map it across layouts")
     return name
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _say(message: str) -> None:
-    if _rank() == 0:
-        print(message, flush=True)
 
 
 # ----------------------------------------------------------------------------- layouts
@@ -522,7 +514,7 @@ def _keep_global_batch(args, engine, saved: dict) -> None:
     if old is None or old == new:
         return
     if "train_batch_size" in args._batch_given:
-        _say(f"global batch {old} -> {new} (train_batch_size in the config); the data continues at sample "
+        collective.say(f"global batch {old} -> {new} (train_batch_size in the config); the data continues at sample "
              f"{engine.global_samples:,}, where the checkpoint stopped")
         return
     per_step = args.train_micro_batch_size_per_gpu * args.data_parallel_size
@@ -534,7 +526,7 @@ def _keep_global_batch(args, engine, saved: dict) -> None:
         )
     engine.set_train_batch_size(old)
     args.train_batch_size, args.gradient_accumulation_steps = old, old // per_step
-    _say(f"global batch {old} kept from the checkpoint: gradient_accumulation_steps={args.gradient_accumulation_steps} "
+    collective.say(f"global batch {old} kept from the checkpoint: gradient_accumulation_steps={args.gradient_accumulation_steps} "
          f"on {args.data_parallel_size} data-parallel ranks (set train_batch_size to change it)")
 
 
@@ -544,7 +536,7 @@ def _load_l2e(l2e, source: SourceCheckpoint, extras: dict, groups, sync_stats: b
         log.info("%s holds no L2E state; L2E starts fresh", source.dir)
         return
     if not sync_stats and source.layout["dp"] != groups.dp_size:
-        _say(f"L2E: sync_stats is off, so statistics were per data-parallel rank; rank r continues from the "
+        collective.say(f"L2E: sync_stats is off, so statistics were per data-parallel rank; rank r continues from the "
              f"checkpoint's rank r mod {source.layout['dp']}")
     layers = {}
     for layer, sd in merged["layers"].items():
@@ -555,7 +547,6 @@ def _load_l2e(l2e, source: SourceCheckpoint, extras: dict, groups, sync_stats: b
 
 def load_other_layout(args, engine, groups, ckpt_dir: str, l2e=None) -> int:
     """Restore the checkpoint in ``ckpt_dir`` saved on another layout; returns its iteration."""
-    from megatron.training.checkpointing import set_rng_state
 
     source = SourceCheckpoint(ckpt_dir)
     saved = source.layout
@@ -571,10 +562,10 @@ def load_other_layout(args, engine, groups, ckpt_dir: str, l2e=None) -> int:
     engine.skipped_steps = int(meta0.get("skipped_steps", 0))
     _keep_global_batch(args, engine, saved)
     extras = source.extra_states()
-    if not args.no_load_rng and extras.get(_rank(), {}).get("rng") is not None:
-        set_rng_state(extras[_rank()]["rng"])  # per process: the same stream only where this rank existed
+    if not args.no_load_rng and extras.get(collective.rank(), {}).get("rng") is not None:
+        rng.set_rng_state(extras[collective.rank()]["rng"])  # per process: the same stream only where this rank existed
     if l2e is not None:
         _load_l2e(l2e, source, extras, groups, args.l2e.sync_stats)
-    _say(f"resumed {ckpt_dir} at iteration {iteration} on another layout: saved {describe(saved)}, "
+    collective.say(f"resumed {ckpt_dir} at iteration {iteration} on another layout: saved {describe(saved)}, "
          f"now {describe(current_layout(args, engine))}")
     return iteration

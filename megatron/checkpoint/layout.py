@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from megatron.checkpoint_files import MP_FILE, write_checksums
+from megatron.checkpoint.files import MP_FILE, write_checksums
 from megatron.errors import CheckpointError
 from megatron.model import GPTNeoX, ModelConfig
 from megatron.model.hf import read_hf_checkpoint

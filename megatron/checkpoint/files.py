@@ -1,7 +1,7 @@
 """What a checkpoint directory holds, and whether it is intact.
 
-Used by ``megatron.training.checkpointing`` (at save, and before DeepSpeed reads anything at
-load), by the converters (``checkpoint_format.save_neox_checkpoint``) and by
+Used by ``save`` and ``load`` (at save, and before DeepSpeed reads anything at
+load), by the converters (``layout.save_neox_checkpoint``) and by
 ``tools/ckpts/inspect_checkpoint.py``:
 
 * ``checksums.json``: sha256 of every file, written at save and checked at load
@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from megatron.checkpoint import collective
 from megatron.errors import CheckpointError, UserError
 
 CHECKSUMS_FILE = "checksums.json"
@@ -34,24 +35,6 @@ SAVED_STATE_KEY = "neox_l2e_saved"
 # The model dimensions a checkpoint must share with the run that loads it.
 SHAPE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "padded_vocab_size")
 _HASH_CHUNK = 16 << 20
-
-
-# ---------------------------------------------------------------------------
-# collective helpers (a single process runs without a process group)
-
-
-def _rank_world() -> tuple[int, int]:
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _gather_to_all(obj) -> list:
-    if not dist.is_initialized():
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
 
 
 # ---------------------------------------------------------------------------
@@ -82,9 +65,9 @@ def write_checksums(ckpt_dir: str) -> None:
 
     Call after the barrier that puts every rank's files on disk.
     """
-    rank, world = _rank_world()
+    rank, world = collective.rank_world()
     mine = {rel: sha256_file(os.path.join(ckpt_dir, rel)) for rel in checkpoint_files(ckpt_dir)[rank::world]}
-    shares = _gather_to_all(mine)
+    shares = collective.gather_to_all(mine)
     if rank == 0:
         files = {rel: digest for share in shares for rel, digest in share.items()}
         manifest = {"algorithm": "sha256", "files": dict(sorted(files.items()))}
@@ -123,8 +106,8 @@ def verify_checksums(ckpt_dir: str) -> bool:
     files = read_checksums(ckpt_dir)
     if files is None:
         return False
-    rank, world = _rank_world()
-    problems = [p for share in _gather_to_all(checksum_problems(ckpt_dir, files, slice(rank, None, world)))
+    rank, world = collective.rank_world()
+    problems = [p for share in collective.gather_to_all(checksum_problems(ckpt_dir, files, slice(rank, None, world)))
                 for p in share]
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""

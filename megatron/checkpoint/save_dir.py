@@ -194,14 +194,14 @@ def lock_save_dir(args) -> SaveDirLock | None:
 
 
 def existing_steps(directory: str) -> list[int]:
-    from megatron.training.checkpointing import list_checkpoints
+    from megatron.checkpoint.directory import list_checkpoints
 
     return [it for it, _ in list_checkpoints(directory)] if os.path.isdir(directory) else []
 
 
 def planned_saves(args, start: int) -> list[int]:
     """The steps this run will save at, from ``start`` (its own starting checkpoint excluded)."""
-    from megatron.training.checkpointing import should_save
+    from megatron.checkpoint.save import should_save
 
     steps = [it for it in range(start + 1, args.train_iters + 1) if should_save(args, it)]
     if start == 0 and should_save(args, 0):
