@@ -6,7 +6,7 @@ from megatron.errors import cli_main
 
 @cli_main
 def main(argv=None):
-    from megatron.config import NeoXArgs
+    from megatron.config import consume_launch_args
     from megatron.console import route_console_output
     from megatron.processes import keep_running_without_output
     from megatron.training import pretrain
@@ -14,7 +14,7 @@ def main(argv=None):
 
     route_console_output()  # config warnings once (rank 0), before the config is read
     keep_running_without_output()
-    if pretrain(NeoXArgs.consume_launch_args(sys.argv[1:] if argv is None else argv))["stopped_by_signal"]:
+    if pretrain(consume_launch_args(sys.argv[1:] if argv is None else argv))["stopped_by_signal"]:
         PreemptionHandler.ignore_repeats()
 
 

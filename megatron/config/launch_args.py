@@ -6,18 +6,13 @@ without re-reading files that might differ between nodes. ``python train.py a.ym
 (no launcher) reads YAML files directly instead.
 """
 import argparse
-import base64
-import binascii
-import json
 import os
 
 import yaml
 
 from megatron.config.loading import normalize_key, parse_yaml, yaml_problem
+from megatron.config.neox_args import NEOX_CONFIG_FLAG, NeoXArgs
 from megatron.errors import ConfigError
-
-NEOX_CONFIG_FLAG = "--neox_config"
-
 
 def config_parser(prog: str, with_script: bool) -> argparse.ArgumentParser:
     """Command line of deepy.py (``with_script``) and of train.py/eval.py."""
@@ -79,31 +74,11 @@ def overrides_from(ns: argparse.Namespace) -> dict:
     return out
 
 
-def load_from_namespace(ns: argparse.Namespace):
-    from megatron.config.neox_args import NeoXArgs
-
+def load_from_namespace(ns: argparse.Namespace) -> NeoXArgs:
     return NeoXArgs.from_ymls(config_paths(ns.configs, ns.conf_dir), overrides_from(ns))
 
 
-def encode(args) -> str:
-    payload = {"args": args.to_dict(), "config_files": args.config_files or {}}
-    return base64.urlsafe_b64encode(json.dumps(payload).encode()).decode()
-
-
-def decode(b64: str):
-    from megatron.config.neox_args import NeoXArgs
-
-    try:
-        payload = json.loads(base64.urlsafe_b64decode(b64.encode()).decode())
-        args, files = payload["args"], payload["config_files"]
-    except (binascii.Error, ValueError, KeyError, TypeError):
-        raise ConfigError(f"{NEOX_CONFIG_FLAG} does not hold a config written by deepy.py; "
-                          f"launch with deepy.py or pass YAML files") from None
-    # deepy.py loaded this config and warned about its no-op keys; the run summary lists them
-    return NeoXArgs.from_dict(args, config_files=files, announce=False)
-
-
-def consume(argv=None, prog: str = "train.py"):
+def consume(argv=None, prog: str = "train.py") -> NeoXArgs:
     """Arguments of a rank: from ``--neox_config B64`` (deepy.py) or YAML paths.
 
     DeepSpeed's launcher appends ``--local_rank=N``; it is ignored (LOCAL_RANK is in
@@ -117,7 +92,7 @@ def consume(argv=None, prog: str = "train.py"):
         i = argv.index(NEOX_CONFIG_FLAG)
         if i + 1 >= len(argv):
             raise ConfigError(f"{NEOX_CONFIG_FLAG} needs a value")
-        args = decode(argv[i + 1])
+        args = NeoXArgs.from_launch_argument(argv[i + 1])
     else:
         args = load_from_namespace(config_parser(prog, with_script=False).parse_args(argv))
     args.configure_world(world_size_from_env(args))

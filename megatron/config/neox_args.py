@@ -8,8 +8,11 @@
 Derivation follows GPT-NeoX's ``calculate_derived`` (reference §2): batch triple,
 data-parallel size, precision, lr, attention types per layer, padded vocab.
 """
+import base64
+import binascii
 import dataclasses
 import importlib.util
+import json
 import logging
 import math
 import typing
@@ -34,6 +37,7 @@ OVERRIDES_FILE = "command_line_overrides.yml"
 log = logging.getLogger(__name__)
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu",
               "gradient_accumulation_steps")
+NEOX_CONFIG_FLAG = "--neox_config"  # deepy.py -> rank: the validated config
 TOKENIZER_PATH_KEYS = ("vocab_file", "merge_file")
 REQUIRED_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "seq_length")
 _warned_no_ops: set = set()
@@ -420,27 +424,24 @@ class NeoXArgs(ModelArgs, ParallelArgs, OptimizerArgs, TrainingArgs, DataArgs,
             return "flash"
         return "sdpa"
 
-    # ---- launch plumbing (see megatron.config.launch_args) -----------------------------
+    # ---- how deepy.py hands this config to every rank (megatron.config.launch_args) -------
 
     def launch_argument(self) -> str:
-        from megatron.config.launch_args import encode
-
-        return encode(self)
+        """The value of ``--neox_config``: urlsafe base64 of JSON, so all ranks rebuild
+        identical arguments without re-reading files that might differ between nodes."""
+        payload = {"args": self.to_dict(), "config_files": self.config_files or {}}
+        return base64.urlsafe_b64encode(json.dumps(payload).encode()).decode()
 
     @classmethod
     def from_launch_argument(cls, b64: str) -> "NeoXArgs":
-        from megatron.config.launch_args import decode
-
-        return decode(b64)
-
-    @classmethod
-    def consume_launch_args(cls, argv=None) -> "NeoXArgs":
-        """A rank's arguments from ``--neox_config`` (deepy.py) or YAML paths."""
-        from megatron.config.launch_args import consume
-
-        return consume(argv)
-
-    consume_neox_args = consume_launch_args  # GPT-NeoX's name for the same step
+        try:
+            payload = json.loads(base64.urlsafe_b64decode(b64.encode()).decode())
+            values, files = payload["args"], payload["config_files"]
+        except (binascii.Error, ValueError, KeyError, TypeError):
+            raise ConfigError(f"{NEOX_CONFIG_FLAG} does not hold a config written by deepy.py; "
+                              f"launch with deepy.py or pass YAML files") from None
+        # deepy.py loaded this config and warned about its no-op keys; the run summary lists them
+        return cls.from_dict(values, config_files=files, announce=False)
 
 
 def _resolve_tokenizer_paths(values: dict, sources: dict) -> None:

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from megatron.config import ConfigError, NeoXArgs
-from megatron.config.launch_args import consume, decode
+from megatron.config.launch_args import consume
 from megatron.launcher import build_launch_command, count_ranks
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -29,7 +29,7 @@ def test_defaults_pass_no_runner_options():
     cmd = build_launch_command(tiny(), "train.py", ["--x"])
     assert runner_options(cmd) == []
     assert cmd[1:3] == ["--x", "--neox_config"]
-    assert decode(cmd[3]) == tiny()
+    assert NeoXArgs.from_launch_argument(cmd[3]) == tiny()
 
 
 def test_a_rank_launched_by_deepy_does_not_repeat_the_launchers_config_warnings(caplog, monkeypatch):
@@ -40,7 +40,7 @@ def test_a_rank_launched_by_deepy_does_not_repeat_the_launchers_config_warnings(
     assert [r.getMessage() for r in caplog.records if "rope_fusion" in r.getMessage()]  # the launcher's
     monkeypatch.setattr(neox_args, "_warned_no_ops", set())  # as in a fresh rank process
     caplog.clear()
-    assert decode(cmd[cmd.index("--neox_config") + 1]).rope_fusion
+    assert NeoXArgs.from_launch_argument(cmd[cmd.index("--neox_config") + 1]).rope_fusion
     assert not [r for r in caplog.records if "no effect" in r.getMessage()]
 
 
@@ -105,7 +105,7 @@ def test_consume_accepts_yaml_paths_or_encoded_config(monkeypatch):
 
 def test_override_sets_keys_over_the_files(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    args = NeoXArgs.consume_neox_args([TINY, "--override", "train_iters=14300",
+    args = consume([TINY, "--override", "train_iters=14300",
                                        "hidden-dropout=0.2"])
     assert args.train_iters == 14300 and args.hidden_dropout == 0.2
     with pytest.raises(ConfigError, match="KEY=VALUE"):
