@@ -273,7 +273,7 @@ def main(argv=None) -> int:
     args.configure_world(sum(len(slots) for slots in hosts.values()))
     from megatron.training.robustness import check_extension_locks
 
-    check_extension_locks(single_node=args.hostfile is None)
+    check_extension_locks(single_node=args.hostfile is None and not own_launcher)
     if args.hostfile is None and os.path.basename(ns.script) == "train.py":  # ranks share our paths
         from megatron.training.preflight import check_before_launch
 

@@ -79,9 +79,11 @@ class Run:
                 os.kill(pid, signal.SIGKILL)
         assert not left, f"still running {EXIT_GRACE} s after the launcher exited: {left}"
 
+    def metrics(self) -> list[dict]:
+        return [json.loads(line) for line in (self.dir / "logs" / "metrics.jsonl").read_text().splitlines()]
+
     def losses(self) -> dict[int, float]:
-        rows = [json.loads(line) for line in (self.dir / "logs" / "metrics.jsonl").read_text().splitlines()]
-        return {row["iteration"]: row["train/lm_loss"] for row in rows if "train/lm_loss" in row}
+        return {row["iteration"]: row["train/lm_loss"] for row in self.metrics() if "train/lm_loss" in row}
 
 
 def processes_tagged(tag: str) -> list[int]:
@@ -159,6 +161,9 @@ def test_pdsh_hostfile_pipeline_matches_one_node(pdsh_pp3, reference_pp3):
     assert {line.split(":")[0] for line in output.splitlines() if RANK_LINE.search(line)} == {
         "node1", "node2", "node3"}
     assert_same_losses(run, reference_pp3)
+    # L2E acted on the middle stage (after its 3 exact warm-up steps, from the threshold).
+    last = run.metrics()[-1]
+    assert last["l2e/selected_frac/layer_1"] > 0 and last["train/l2e_loss"] != 0
     summary_names = output[output.index("environment forwarded to every rank"):]
     assert TAG_VARIABLE in summary_names and "WANDB_API_KEY" in summary_names
 
