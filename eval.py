@@ -89,7 +89,7 @@ def build_logits_fn(neox_args, checkpoint: Path, iteration, tokenizer):
         model = load_model(checkpoint, iteration=iteration)  # the fast path: no DeepSpeed
         return module_logits_fn(model), model.cfg.max_position_embeddings, True
     from megatron.checkpoint import checkpoint_neox_args, resolve_step_dir
-    from megatron.eval import load_parallel_model
+    from megatron.training.inference import load_parallel_model
 
     if is_hf_checkpoint(checkpoint):
         raise CheckpointError(f"eval: {checkpoint} is an HF checkpoint; evaluate it in one process "

@@ -58,7 +58,7 @@ def main(argv=None):
     checkpoint = checkpoint_dir(args)
     tokenizer = pick_tokenizer(args, checkpoint, args.iteration)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from megatron.eval import load_parallel_model
+        from megatron.training.inference import load_parallel_model
 
         args.set_vocab_size(tokenizer.vocab_size)
         logits_fn, groups = load_parallel_model(args, str(checkpoint), args.iteration)

@@ -87,6 +87,19 @@ def test_megatron_has_no_import_cycle():
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
+def test_megatron_packages_import_in_one_direction():
+    """Between packages too: training/ may use eval/ or parallel/, never the reverse."""
+    def package(module: str) -> str:
+        return ".".join(module.split(".")[:2])
+
+    graph = {}
+    for module, targets in import_graph().items():
+        graph.setdefault(package(module), set()).update(
+            package(t) for t in targets if package(t) != package(module))
+    cycle = find_cycle(graph)
+    assert cycle is None, "packages import each other: " + " -> ".join(cycle)
+
+
 def test_checkpoint_package_imports_neither_training_nor_eval():
     graph = import_graph()
     upward = sorted((m, t) for m, targets in graph.items() if m.startswith("megatron.checkpoint")
