@@ -34,6 +34,7 @@ from megatron.errors import CheckpointError
 from megatron import checkpoint_files as files
 from megatron.training import elastic
 from megatron.training import load_weights as weights
+from megatron.training import resume_checks
 
 log = logging.getLogger(__name__)
 
@@ -393,6 +394,11 @@ def _resolve_tag(args, directory: str) -> str | None:
     if args.iteration is not None:  # NeoX's `iteration` key picks a specific step
         return checkpoint_tag(args.iteration)
     tag = _read_latest(directory)
+    if tag == "":
+        available = [t for _, t in list_checkpoints(directory)]
+        raise CheckpointError(
+            f"load: {os.path.join(directory, 'latest')} is empty; write the step to resume into it "
+            f"(one of {available}) or pass it with the 'iteration' key")
     if tag is not None:
         return tag
     if os.path.abspath(directory) == os.path.abspath(args.save or "") and not list_checkpoints(directory):
@@ -624,12 +630,14 @@ def load_checkpoint(args, engine, groups, l2e=None) -> int:
     tag = _tag_dir(directory, tag)
     ckpt_dir = os.path.join(directory, tag)
     if getattr(args, "checkpoint_verify", True):
-        files.verify_checksums(ckpt_dir)
+        files.verify_checksums(ckpt_dir, may_be_missing=files.EXTRA_STATE_SUFFIX if args.no_load_rng else None)
     files.check_torch_files(ckpt_dir)
     info = files.read_checkpoint_info(ckpt_dir)
     files.check_model_shape(ckpt_dir, info.model_args, args, saved_tp=info.layout.get("tp"))
     files.check_architecture(ckpt_dir, files.saved_model_config(info), args, saved_tp=info.layout.get("tp"))
     _refuse_older_source(args, info.iteration)
+    resume_checks.check_steps_left(args, ckpt_dir, info.iteration)
+    resume_checks.check_resume_inputs(args, ckpt_dir)
 
     if args.finetune:
         return _continue_from_weights(args, engine, groups, l2e, info, 0)
