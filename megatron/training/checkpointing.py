@@ -334,8 +334,18 @@ def _space_needed(directory: str, engine) -> int:
     return world * sum(p.numel() * (p.element_size() + 8) for p in engine.module.parameters())
 
 
+# What torch's zip writer raises when a write comes up short: "file write failed", or at
+# the end of the archive "unexpected pos N vs M" (the bytes that did not fit).
+_TORCH_SHORT_WRITE = ("file write failed", "unexpected pos ")
+
+
 def _is_disk_full(error: BaseException) -> bool:
-    return getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "file write failed" in str(error)
+    return (getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+            or any(text in str(error) for text in _TORCH_SHORT_WRITE))
+
+
+def _size(num_bytes: int) -> str:
+    return f"{num_bytes / 2**30:.2f} GiB" if num_bytes >= 2**30 else f"{num_bytes / 2**20:.1f} MiB"
 
 
 def _raise_if_any_rank_failed(failure, directory: str, tag: str, tmp_dir: str, engine) -> None:
@@ -353,10 +363,9 @@ def _raise_if_any_rank_failed(failure, directory: str, tag: str, tmp_dir: str, e
     previous = _read_latest(directory)
     kept = f"{os.path.join(directory, previous)} is intact" if previous else "no earlier checkpoint exists"
     if failed[1]:
-        free = shutil.disk_usage(directory).free / 2**30
-        need = _space_needed(directory, engine) / 2**30
-        raise CheckpointError(f"save: disk full writing {tag} to {directory} ({free:.2f} GiB free, a checkpoint "
-                              f"needs about {need:.2f} GiB); free space there or point save at a larger "
+        free, need = _size(shutil.disk_usage(directory).free), _size(_space_needed(directory, engine))
+        raise CheckpointError(f"save: disk full writing {tag} to {directory} ({free} free, a checkpoint "
+                              f"needs about {need}); free space there or point save at a larger "
                               f"disk, then resume ({kept})") from None
     if failure is None:
         raise CheckpointError(f"save: another rank could not write {tag} to {directory}; see its error ({kept})")

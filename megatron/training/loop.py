@@ -215,6 +215,12 @@ def pretrain(args) -> dict:
         if args.save and last_saved != iteration:
             save(iteration)
     finally:
+        # Stop the DataLoader workers now: an error's traceback keeps these generators
+        # alive until exit, where multiprocessing waits forever for workers that ignore
+        # the SIGTERM it sends them (they leave signals to the rank).
+        train_batches.close()
+        if valid_batches is not None:
+            valid_batches.close()
         profiler.close()
         preemption.close()
         logger.close()
