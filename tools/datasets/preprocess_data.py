@@ -349,8 +349,20 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def _exit_on_sigterm(signum, frame):
-    sys.exit(128 + signum)  # unwinds, so the temporary files are removed
+class _Stopped(BaseException):
+    """Ctrl-C or SIGTERM, raised in the parent only: it unwinds through preprocess, which
+    removes the temporary files (a KeyboardInterrupt would print the parent's traceback
+    and the pool's)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop(signum, frame):
+    for sig in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not cut the cleanup short
+        signal.signal(sig, signal.SIG_IGN)
+    raise _Stopped(signum)
 
 
 @cli_main
@@ -361,13 +373,19 @@ def main(argv=None):
                         f"only format neox-l2e and current GPT-NeoX read); drop the flag")
     if args.log_interval < 1 or args.workers < 1:
         raise DataError("--log-interval and --workers must be at least 1")
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _stop)
     tokenizer_args = SimpleNamespace(tokenizer_type=args.tokenizer_type,
                                      vocab_file=args.vocab_file, merge_file=args.merge_file)
-    preprocess(args.input.split(","), args.output_prefix, tokenizer_args, args.jsonl_keys,
-               args.append_eod, args.workers, args.on_error, fix_text=args.ftfy,
-               txt_paragraphs=args.txt_paragraphs, log_interval=args.log_interval,
-               num_docs=args.num_docs)
+    try:
+        preprocess(args.input.split(","), args.output_prefix, tokenizer_args, args.jsonl_keys,
+                   args.append_eod, args.workers, args.on_error, fix_text=args.ftfy,
+                   txt_paragraphs=args.txt_paragraphs, log_interval=args.log_interval,
+                   num_docs=args.num_docs)
+    except _Stopped as stop:
+        print(f"preprocess_data: stopped by {signal.Signals(stop.signum).name}; its temporary files are "
+              f"removed and any dataset already at --output-prefix is unchanged", file=sys.stderr, flush=True)
+        sys.exit(128 + stop.signum)
 
 
 if __name__ == "__main__":
