@@ -91,8 +91,9 @@ def input_differences(args, ckpt_dir: str) -> tuple[list[str], list[str]]:
     saved = _saved_args(ckpt_dir)
     if saved is None:
         return refused, []
-    if saved.seq_length != args.seq_length:
-        refused.append(f"seq_length {saved.seq_length} -> {args.seq_length}")
+    seq_length = getattr(args, "seq_length", None)
+    if seq_length is not None and saved.seq_length != seq_length:
+        refused.append(f"seq_length {saved.seq_length} -> {seq_length}")
     data_refused, accepted = _data_differences(saved, args)
     return refused + data_refused, accepted
 
@@ -100,11 +101,12 @@ def input_differences(args, ckpt_dir: str) -> tuple[list[str], list[str]]:
 def check_steps_left(args, ckpt_dir: str, iteration: int | None) -> None:
     """A checkpoint past ``train_iters`` leaves nothing to train: say so, instead of a
     mismatched LR schedule (or, with override_lr_scheduler, re-saving it and exiting 0)."""
-    if getattr(args, "finetune", False) or iteration is None or args.train_iters is None:
+    train_iters = getattr(args, "train_iters", None)
+    if getattr(args, "finetune", False) or iteration is None or train_iters is None:
         return
-    if iteration > args.train_iters:
+    if iteration > train_iters:
         raise CheckpointError(
-            f"load: {ckpt_dir} is at iteration {iteration}, past train_iters={args.train_iters}, so there is "
+            f"load: {ckpt_dir} is at iteration {iteration}, past train_iters={train_iters}, so there is "
             f"nothing left to train; raise train_iters above {iteration} to train on, or load an earlier "
             f"'iteration' (finetune: true starts a new run from its weights)")
 
