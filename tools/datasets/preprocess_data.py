@@ -209,6 +209,7 @@ class Encoder:
 
 
 _encoder: Encoder | None = None
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
 def _worker_init(encoder):
@@ -216,8 +217,19 @@ def _worker_init(encoder):
     # The parent cleans up on Ctrl-C/SIGTERM and then terminates the workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # blocked by _start_pool
     _encoder = encoder
     _encoder.start()
+
+
+def _start_pool(workers: int, encoder):
+    """Workers are forked with Ctrl-C and SIGTERM blocked: one arriving before
+    _worker_init set their handlers would otherwise run the parent's handler in them."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        return multiprocessing.Pool(workers, initializer=_worker_init, initargs=(encoder,))
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _worker_encode(item):
@@ -251,7 +263,7 @@ def preprocess(inputs, output_prefix, tokenizer_args, keys=("text",), append_eod
         for key in keys:
             writers[key] = DatasetWriter(f"{output_prefix}_{key}_document", dtype)
         if workers > 1:
-            pool = multiprocessing.Pool(workers, initializer=_worker_init, initargs=(encoder,))
+            pool = _start_pool(workers, encoder)
             results = pool.imap(_worker_encode, reader, chunksize=64)
         else:
             encoder.start()
@@ -360,7 +372,7 @@ class _Stopped(BaseException):
 
 
 def _stop(signum, frame):
-    for sig in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not cut the cleanup short
+    for sig in _STOP_SIGNALS:  # a second Ctrl-C must not cut the cleanup short
         signal.signal(sig, signal.SIG_IGN)
     raise _Stopped(signum)
 
@@ -373,7 +385,7 @@ def main(argv=None):
                         f"only format neox-l2e and current GPT-NeoX read); drop the flag")
     if args.log_interval < 1 or args.workers < 1:
         raise DataError("--log-interval and --workers must be at least 1")
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in _STOP_SIGNALS:
         signal.signal(sig, _stop)
     tokenizer_args = SimpleNamespace(tokenizer_type=args.tokenizer_type,
                                      vocab_file=args.vocab_file, merge_file=args.merge_file)
