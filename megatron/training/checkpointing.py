@@ -34,6 +34,7 @@ from megatron.errors import CheckpointError
 from megatron import checkpoint_files as files
 from megatron.training import checkpoint_health, elastic
 from megatron.training import load_weights as weights
+from megatron.training import resume_checks
 
 log = logging.getLogger(__name__)
 
@@ -349,8 +350,18 @@ def _space_needed(directory: str, engine) -> int:
     return world * sum(p.numel() * (p.element_size() + 8) for p in engine.module.parameters())
 
 
+# What torch's zip writer raises when a write comes up short: "file write failed", or at
+# the end of the archive "unexpected pos N vs M" (the bytes that did not fit).
+_TORCH_SHORT_WRITE = ("file write failed", "unexpected pos ")
+
+
 def _is_disk_full(error: BaseException) -> bool:
-    return getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "file write failed" in str(error)
+    return (getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+            or any(text in str(error) for text in _TORCH_SHORT_WRITE))
+
+
+def _size(num_bytes: int) -> str:
+    return f"{num_bytes / 2**30:.2f} GiB" if num_bytes >= 2**30 else f"{num_bytes / 2**20:.1f} MiB"
 
 
 def _raise_if_any_rank_failed(failure, directory: str, tag: str, tmp_dir: str, engine) -> None:
@@ -368,10 +379,9 @@ def _raise_if_any_rank_failed(failure, directory: str, tag: str, tmp_dir: str, e
     previous = _read_latest(directory)
     kept = f"{os.path.join(directory, previous)} is intact" if previous else "no earlier checkpoint exists"
     if failed[1]:
-        free = shutil.disk_usage(directory).free / 2**30
-        need = _space_needed(directory, engine) / 2**30
-        raise CheckpointError(f"save: disk full writing {tag} to {directory} ({free:.2f} GiB free, a checkpoint "
-                              f"needs about {need:.2f} GiB); free space there or point save at a larger "
+        free, need = _size(shutil.disk_usage(directory).free), _size(_space_needed(directory, engine))
+        raise CheckpointError(f"save: disk full writing {tag} to {directory} ({free} free, a checkpoint "
+                              f"needs about {need}); free space there or point save at a larger "
                               f"disk, then resume ({kept})") from None
     if failure is None:
         raise CheckpointError(f"save: another rank could not write {tag} to {directory}; see its error ({kept})")
@@ -409,6 +419,11 @@ def _resolve_tag(args, directory: str) -> str | None:
     if args.iteration is not None:  # NeoX's `iteration` key picks a specific step
         return checkpoint_tag(args.iteration)
     tag = _read_latest(directory)
+    if tag == "":
+        available = [t for _, t in list_checkpoints(directory)]
+        raise CheckpointError(
+            f"load: {os.path.join(directory, 'latest')} is empty; write the step to resume into it "
+            f"(one of {available}) or pass it with the 'iteration' key")
     if tag is not None:
         return tag
     if os.path.abspath(directory) == os.path.abspath(args.save or "") and not list_checkpoints(directory):
@@ -643,12 +658,14 @@ def load_checkpoint(args, engine, groups, l2e=None) -> int:
     tag = _tag_dir(directory, tag)
     ckpt_dir = os.path.join(directory, tag)
     if getattr(args, "checkpoint_verify", True):
-        files.verify_checksums(ckpt_dir)
+        files.verify_checksums(ckpt_dir, may_be_missing=files.EXTRA_STATE_SUFFIX if args.no_load_rng else None)
     files.check_torch_files(ckpt_dir)
     info = files.read_checkpoint_info(ckpt_dir)
     files.check_model_shape(ckpt_dir, info.model_args, args, saved_tp=info.layout.get("tp"))
     files.check_architecture(ckpt_dir, files.saved_model_config(info), args, saved_tp=info.layout.get("tp"))
     _refuse_older_source(args, info.iteration)
+    resume_checks.check_steps_left(args, ckpt_dir, info.iteration)
+    resume_checks.check_resume_inputs(args, ckpt_dir)
 
     if args.finetune:
         return _continue_from_weights(args, engine, groups, l2e, info, 0)

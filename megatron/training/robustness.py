@@ -6,6 +6,7 @@ import logging
 import math
 import os
 import signal
+import sys
 import time
 
 import torch
@@ -233,21 +234,44 @@ def _lock_holders(path: str) -> bool:
     return False
 
 
-def check_extension_locks(root: str | None = None, single_node: bool = True) -> None:
+def _build_locks(root: str) -> list[str]:
+    return glob.glob(os.path.join(root, "*", "lock")) + glob.glob(os.path.join(root, "*", "*", "lock"))
+
+
+def check_extension_locks(root: str | None = None, single_node: bool = True, grace_s: float = LOCK_GRACE_S,
+                          max_build_s: float = LOCK_MAX_BUILD_S, poll_s: float = 2.0) -> None:
     """Fail with the file to delete instead of hanging on a DeepSpeed/torch JIT-build lock
-    (``<torch_extensions>/<python_device>/<op>/lock``) whose builder was killed."""
+    (``<torch_extensions>/<python_device>/<op>/lock``) whose builder was killed; wait,
+    saying so, for one that may belong to a live build, until it is released or stale
+    (unheld past ``grace_s``, or older than ``max_build_s``): DeepSpeed itself would
+    wait on it forever without a word."""
     if root is None:
         from torch.utils.cpp_extension import get_default_build_root
 
         root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
     can_see_holders = single_node and os.path.isdir("/proc")
-    for path in glob.glob(os.path.join(root, "*", "lock")) + glob.glob(os.path.join(root, "*", "*", "lock")):
-        try:
-            age = time.time() - os.path.getmtime(path)
-        except OSError:  # released meanwhile
-            continue
-        stale = age > LOCK_MAX_BUILD_S or (can_see_holders and age > LOCK_GRACE_S and not _lock_holders(path))
-        if stale and os.path.exists(path):
-            raise StaleBuildLockError(
-                f"{path}: a DeepSpeed op build was killed {age / 60:.0f} min ago and left this lock, on "
-                f"which every launch would hang; delete it (rm {path}) and launch again")
+    announced = set()
+    while True:
+        waiting = False
+        for path in _build_locks(root):
+            try:
+                age = time.time() - os.path.getmtime(path)
+            except OSError:  # released meanwhile
+                continue
+            held = can_see_holders and _lock_holders(path)
+            stale = age > max_build_s or (can_see_holders and age > grace_s and not held)
+            if stale and os.path.exists(path):
+                raise StaleBuildLockError(
+                    f"{path}: a DeepSpeed op build was killed {age / 60:.0f} min ago and left this lock, on "
+                    f"which every launch would hang; delete it (rm {path}) and launch again")
+            waiting = True
+            if path not in announced:
+                announced.add(path)
+                owner = "a build on this machine holds it" if held else "maybe a build that is starting or on another node"
+                limit = max_build_s if held or not can_see_holders else grace_s
+                print(f"waiting for the DeepSpeed op build lock {path} ({owner}, {age:.0f} s old); it is taken "
+                      f"as stale, and the launch stops naming it, once it is {limit:.0f} s old", file=sys.stderr,
+                      flush=True)
+        if not waiting:
+            return
+        time.sleep(poll_s)
