@@ -271,7 +271,7 @@ def main(argv=None) -> int:
     local_devices = torch.cuda.device_count() if on_gpus else (0 if own_launcher else 1)
     hosts = active_hosts(args, local_devices)
     args.configure_world(sum(len(slots) for slots in hosts.values()))
-    from megatron.training.robustness import check_extension_locks
+    from megatron.parallel.extension_locks import check_extension_locks
 
     check_extension_locks(single_node=args.hostfile is None and not own_launcher)
     if args.hostfile is None and os.path.basename(ns.script) == "train.py":  # ranks share our paths

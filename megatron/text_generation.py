@@ -20,6 +20,7 @@ and DeepSpeed pipelines feed the whole sequence every step instead.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ import torch.distributed as dist
 
 from megatron.errors import ConfigError, DataError
 from megatron.model import KVCache
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,10 @@ class Generator:
         self.logits_fn, self.tokenizer = logits_fn, tokenizer
         self.max_positions, self.use_cache = max_positions, not args.recompute
         self.max_new_tokens = args.maximum_tokens
+        if self.max_new_tokens >= max_positions:
+            log.warning("maximum_tokens %d is beyond the model's context of %d tokens "
+                        "(max_position_embeddings): completions stop when prompt + completion fill it; "
+                        "lower maximum_tokens to at most %d", self.max_new_tokens, max_positions, max_positions - 1)
         self.sampling = Sampling.from_args(args)
         self.generator = torch.Generator().manual_seed(args.seed)
 
@@ -126,6 +133,10 @@ class Generator:
             sampling=self.sampling, generator=self.generator, use_cache=self.use_cache)
         if not new:
             message = message or "the first generated token was end-of-document"
+        elif not finished and len(new) < self.max_new_tokens:
+            message = message or (f"stopped at the context limit: prompt + completion reached "
+                                  f"max_position_embeddings {self.max_positions} tokens before "
+                                  f"maximum_tokens {self.max_new_tokens}")
         return {"context": context, "text": self.tokenizer.detokenize(new), "length": len(new),
                 "finished": finished, "message": message,
                 "duration_seconds": round(time.time() - start, 4)}

@@ -23,7 +23,7 @@ def main():
     import torch.distributed as dist
 
     from megatron.launcher import free_port
-    from megatron.training.robustness import check_extension_locks
+    from megatron.parallel.extension_locks import check_extension_locks
 
     check_extension_locks()
 

@@ -7,7 +7,7 @@ model/ and parallel/. Its modules, bottom up:
 - ``files``: what a checkpoint directory holds, checksums, integrity and shape checks.
 - ``layout``: GPT-NeoX's names and layer numbering, tensor-parallel merge/split, the
   converters' weights-only checkpoints, HF-side loading.
-- ``directory``: ``global_stepN`` tags, ``latest`` and the atomic publish; pruning.
+- ``tags``: ``global_stepN`` tags, ``latest`` and the atomic publish; pruning.
 - ``health``: which checkpoints are trustworthy (the run's own losses decide).
 - ``save_dir``: one writer per save directory, and never overwriting progress.
 - ``rng``, ``weights``, ``elastic``: RNG states, weights-only sources, another layout.
@@ -15,7 +15,7 @@ model/ and parallel/. Its modules, bottom up:
 
 Training, eval and tools use the names below, never a module inside.
 """
-from megatron.checkpoint.directory import checkpoint_tag, extra_state_name, list_checkpoints
+from megatron.checkpoint.tags import checkpoint_tag, extra_state_name, list_checkpoints
 from megatron.checkpoint.elastic import MOMENTS, SourceCheckpoint
 from megatron.checkpoint.files import (
     EXTRA_STATE_SUFFIX, checkpoint_files, checksum_problems, load_torch, read_checkpoint_info, read_checksums,

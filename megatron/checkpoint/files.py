@@ -101,11 +101,17 @@ def checksum_problems(ckpt_dir: str, files: dict, share: slice = slice(None)) ->
     return problems
 
 
-def verify_checksums(ckpt_dir: str) -> bool:
-    """Collective: check ``ckpt_dir`` against its manifest; False when it has none."""
+def verify_checksums(ckpt_dir: str, may_be_missing: str | None = None) -> bool:
+    """Collective: check ``ckpt_dir`` against its manifest; False when it has none.
+
+    Files ending in ``may_be_missing`` that are gone are not reported: the load was told
+    to do without them (``no_load_rng`` and the per-rank extra state)."""
     files = read_checksums(ckpt_dir)
     if files is None:
         return False
+    if may_be_missing:
+        files = {rel: digest for rel, digest in files.items()
+                 if not rel.endswith(may_be_missing) or os.path.isfile(os.path.join(ckpt_dir, rel))}
     rank, world = collective.rank_world()
     problems = [p for share in collective.gather_to_all(checksum_problems(ckpt_dir, files, slice(rank, None, world)))
                 for p in share]

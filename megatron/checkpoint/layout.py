@@ -303,9 +303,13 @@ def _tp_size(step: Path) -> int:
 
 
 def _read_rank_layers(step: Path, rank: int, num_layers: int, tied: bool, meta0: dict) -> dict[int, dict]:
-    """{layer index: state dict} of one TP rank, from per-layer files or the pp=0 `module`."""
+    """{layer index: state dict} of one TP rank, from per-layer files or the pp=0 `module`.
+
+    With tied embeddings the head layer only repeats the embedding (training's pp=0
+    `module` holds it as `sequential.{L+4}.word_embeddings.weight`): it is skipped."""
+    tied_head = num_layers + 4 if tied else None
     if any(step.glob(f"layer_*-model_{rank:02d}-model_states.pt")):
-        wanted = [i for i in layer_prefixes(num_layers) if not (tied and i == num_layers + 4)]
+        wanted = [i for i in layer_prefixes(num_layers) if i != tied_head]
         return {i: _load(step / LAYER_FILE.format(idx=i, tp=rank)) for i in wanted}
     mp_file = step / MP_FILE.format(tp=rank)
     module = (meta0 if rank == 0 else _load(mp_file, trusted_pickle=True)).get("module")
@@ -318,7 +322,8 @@ def _read_rank_layers(step: Path, rank: int, num_layers: int, tied: bool, meta0:
     layers: dict[int, dict] = {}
     for key, t in module.items():
         idx, name = key[len("sequential.") :].split(".", 1)
-        layers.setdefault(int(idx), {})[name] = t
+        if int(idx) != tied_head:
+            layers.setdefault(int(idx), {})[name] = t
     return layers
 
 

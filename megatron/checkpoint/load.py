@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
-from megatron.checkpoint import collective, directory, elastic, files, rng, weights
+from megatron.checkpoint import collective, elastic, files, resume_checks, rng, tags, weights
 from megatron.errors import CheckpointError
 
 @dataclass
@@ -42,11 +42,16 @@ def _from_scratch(why: str) -> int:
 def _resolve_tag(args, directory: str) -> str | None:
     """The tag to load, or None for a fresh run writing into its own (empty) save dir."""
     if args.iteration is not None:  # NeoX's `iteration` key picks a specific step
-        return directory.checkpoint_tag(args.iteration)
-    tag = directory.read_latest(directory)
+        return tags.checkpoint_tag(args.iteration)
+    tag = tags.read_latest(directory)
+    if tag == "":
+        available = [t for _, t in tags.list_checkpoints(directory)]
+        raise CheckpointError(
+            f"load: {os.path.join(directory, 'latest')} is empty; write the step to resume into it "
+            f"(one of {available}) or pass it with the 'iteration' key")
     if tag is not None:
         return tag
-    if os.path.abspath(directory) == os.path.abspath(args.save or "") and not directory.list_checkpoints(directory):
+    if os.path.abspath(directory) == os.path.abspath(args.save or "") and not tags.list_checkpoints(directory):
         return None
     raise CheckpointError(
         f"load: {directory} has no 'latest' file; pass the step with the 'iteration' key "
@@ -58,11 +63,11 @@ def _tag_dir(directory: str, tag: str) -> str:
     path = os.path.join(directory, tag)
     if os.path.isdir(path):
         return tag
-    if os.path.isdir(path + directory.PARKED_SUFFIX):  # a publish died between its two renames
-        return tag + directory.PARKED_SUFFIX
+    if os.path.isdir(path + tags.PARKED_SUFFIX):  # a publish died between its two renames
+        return tag + tags.PARKED_SUFFIX
     raise CheckpointError(
         f"load: checkpoint {path} does not exist; check 'load' / 'iteration' "
-        f"(available: {[t for _, t in directory.list_checkpoints(directory)]})"
+        f"(available: {[t for _, t in tags.list_checkpoints(directory)]})"
     )
 
 
@@ -127,8 +132,8 @@ def _refuse_older_source(args, iteration: int | None) -> None:
     save = getattr(args, "save", None)
     if args.finetune or not save or os.path.abspath(save) == os.path.abspath(args.load) or not os.path.isdir(save):
         return
-    tag = directory.read_latest(save)
-    match = directory.TAG_RE.match(tag or "")
+    tag = tags.read_latest(save)
+    match = tags.TAG_RE.match(tag or "")
     if match and int(match.group(1)) > (iteration or 0):
         raise CheckpointError(
             f"load: 'save' {save} already holds {tag}, newer than step {iteration or 0} loaded from {args.load}; "
@@ -160,7 +165,7 @@ def _check_own_files(engine, directory: str, tag: str, load_optimizer: bool) -> 
 
 def _resume(args, engine, l2e, info, directory: str, tag: str) -> int:
     """Same layout: DeepSpeed restores weights, optimizer and schedule; our extra state the rest."""
-    extra_path = os.path.join(info.path, directory.extra_state_name(collective.rank()))
+    extra_path = os.path.join(info.path, tags.extra_state_name(collective.rank()))
     extra = None
     if info.kind == "full":
         if os.path.isfile(extra_path):
@@ -255,12 +260,14 @@ def load_checkpoint(args, engine, groups, l2e=None) -> int:
     tag = _tag_dir(directory, tag)
     ckpt_dir = os.path.join(directory, tag)
     if getattr(args, "checkpoint_verify", True):
-        files.verify_checksums(ckpt_dir)
+        files.verify_checksums(ckpt_dir, may_be_missing=files.EXTRA_STATE_SUFFIX if args.no_load_rng else None)
     files.check_torch_files(ckpt_dir)
     info = files.read_checkpoint_info(ckpt_dir)
     files.check_model_shape(ckpt_dir, info.model_args, args, saved_tp=info.layout.get("tp"))
     files.check_architecture(ckpt_dir, files.saved_model_config(info), args, saved_tp=info.layout.get("tp"))
     _refuse_older_source(args, info.iteration)
+    resume_checks.check_steps_left(args, ckpt_dir, info.iteration)
+    resume_checks.check_resume_inputs(args, ckpt_dir)
 
     if args.finetune:
         return _continue_from_weights(args, engine, groups, l2e, info, 0)

@@ -13,7 +13,7 @@ Layout under ``args.save`` (GPT-NeoX's)::
         tokenizer/                  a copy of the run's tokenizer files
         checksums.json              sha256 of every file (files.py)
 
-How a tag becomes visible atomically is in directory.py.
+How a tag becomes visible atomically is in tags.py.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron.checkpoint import collective, directory, elastic, files, health, rng
+from megatron.checkpoint import collective, elastic, files, health, rng, tags
 from megatron.errors import CheckpointError
 
 TOKENIZER_DIR = "tokenizer"
@@ -127,12 +127,12 @@ def save_checkpoint(args, iteration: int, engine, groups, l2e=None, verdict: dic
     places this rank in the ``layout`` its mp_rank file records (read on resume elsewhere).
     Assumes ``args.save`` is one filesystem shared by all nodes, as NeoX does.
     """
-    directory, tag = args.save, directory.checkpoint_tag(iteration)
-    tmp_tag = tag + directory.TMP_SUFFIX
+    directory, tag = args.save, tags.checkpoint_tag(iteration)
+    tmp_tag = tag + tags.TMP_SUFFIX
     rank = collective.rank()
     if rank == 0:
         os.makedirs(directory, exist_ok=True)
-        directory.sweep_leftovers(directory)
+        tags.sweep_leftovers(directory)
     collective.barrier()
 
     client_state = {"iteration": iteration, "args": _neox_args_summary(args), **_saved_state(args),
@@ -146,7 +146,7 @@ def save_checkpoint(args, iteration: int, engine, groups, l2e=None, verdict: dic
             "rng": None if getattr(args, "no_save_rng", False) else rng.rng_state(),
             "l2e": _weights_only_safe(l2e.state_dict()) if l2e is not None else None,
         }
-        torch.save(extra, os.path.join(tmp_dir, directory.extra_state_name(rank)))
+        torch.save(extra, os.path.join(tmp_dir, tags.extra_state_name(rank)))
         if rank == 0:
             _write_configs(args, tmp_dir)
             _copy_tokenizer(args, tmp_dir)
@@ -158,11 +158,11 @@ def save_checkpoint(args, iteration: int, engine, groups, l2e=None, verdict: dic
     files.write_checksums(tmp_dir)
 
     if rank == 0:
-        directory.publish(directory, tmp_tag, tag)
+        tags.publish(directory, tmp_tag, tag)
         if verdict is not None:
             health.record_verdict(directory, tag, verdict)
         if args.keep_last_n_checkpoints:
-            directory.prune(directory, args.keep_last_n_checkpoints)
+            tags.prune(directory, args.keep_last_n_checkpoints)
         print(f"saved checkpoint {os.path.join(directory, tag)}", flush=True)
     collective.barrier()
     return os.path.join(directory, tag)
@@ -174,15 +174,25 @@ def _dir_bytes(path: str) -> int:
 
 def _space_needed(directory: str, engine) -> int:
     """About one checkpoint: the size of the newest one, else weights + Adam moments."""
-    tag = directory.read_latest(directory)
+    tag = tags.read_latest(directory)
     if tag and os.path.isdir(os.path.join(directory, tag)):
         return _dir_bytes(os.path.join(directory, tag))
     world = dist.get_world_size() if dist.is_initialized() else 1
     return world * sum(p.numel() * (p.element_size() + 8) for p in engine.module.parameters())
 
 
+# What torch's zip writer raises when a write comes up short: "file write failed", or at
+# the end of the archive "unexpected pos N vs M" (the bytes that did not fit).
+_TORCH_SHORT_WRITE = ("file write failed", "unexpected pos ")
+
+
 def _is_disk_full(error: BaseException) -> bool:
-    return getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "file write failed" in str(error)
+    return (getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+            or any(text in str(error) for text in _TORCH_SHORT_WRITE))
+
+
+def _size(num_bytes: int) -> str:
+    return f"{num_bytes / 2**30:.2f} GiB" if num_bytes >= 2**30 else f"{num_bytes / 2**20:.1f} MiB"
 
 
 def _raise_if_any_rank_failed(failure, directory: str, tag: str, tmp_dir: str, engine) -> None:
@@ -196,14 +206,13 @@ def _raise_if_any_rank_failed(failure, directory: str, tag: str, tmp_dir: str, e
         return
     collective.barrier()  # nobody writes into tmp_dir any more
     if collective.rank() == 0:
-        directory.remove_path(tmp_dir)
-    previous = directory.read_latest(directory)
+        tags.remove_path(tmp_dir)
+    previous = tags.read_latest(directory)
     kept = f"{os.path.join(directory, previous)} is intact" if previous else "no earlier checkpoint exists"
     if failed[1]:
-        free = shutil.disk_usage(directory).free / 2**30
-        need = _space_needed(directory, engine) / 2**30
-        raise CheckpointError(f"save: disk full writing {tag} to {directory} ({free:.2f} GiB free, a checkpoint "
-                              f"needs about {need:.2f} GiB); free space there or point save at a larger "
+        free, need = _size(shutil.disk_usage(directory).free), _size(_space_needed(directory, engine))
+        raise CheckpointError(f"save: disk full writing {tag} to {directory} ({free} free, a checkpoint "
+                              f"needs about {need}); free space there or point save at a larger "
                               f"disk, then resume ({kept})") from None
     if failure is None:
         raise CheckpointError(f"save: another rank could not write {tag} to {directory}; see its error ({kept})")

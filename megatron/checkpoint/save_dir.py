@@ -194,7 +194,7 @@ def lock_save_dir(args) -> SaveDirLock | None:
 
 
 def existing_steps(directory: str) -> list[int]:
-    from megatron.checkpoint.directory import list_checkpoints
+    from megatron.checkpoint.tags import list_checkpoints
 
     return [it for it, _ in list_checkpoints(directory)] if os.path.isdir(directory) else []
 

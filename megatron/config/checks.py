@@ -151,6 +151,19 @@ def check_ranges(args, where) -> None:
         raise _range_error(where, "extra_save_iters", bad_iters, "a list of steps >= 0")
 
 
+def check_data_weights(args, where) -> None:
+    """Blend weights are shares of the mix: none negative and some positive (normalising
+    [1.0, -0.5] would train on a -1.0 share)."""
+    for split in ("train", "valid", "test"):
+        key = f"{split}_data_weights"
+        weights = getattr(args, key)
+        if weights is None:
+            continue
+        if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
+            raise ConfigError(f"{where(key)}: {key} must be non-negative numbers with a positive "
+                              f"sum (each path's share of the mix), got {list(weights)}; fix the weights")
+
+
 def check_lr(args, where) -> None:
     """lr finite and >= 0; above min_lr unless the schedule is constant (where lr equal
     to min_lr is a plain constant rate)."""

@@ -182,6 +182,7 @@ class NeoXArgs(ModelArgs, ParallelArgs, OptimizerArgs, TrainingArgs, DataArgs,
             self.max_position_embeddings = self.seq_length
         checks.check_ranges(self, self._where)
         checks.check_blocks(self, self._where)
+        checks.check_data_weights(self, self._where)
         self._check_shapes()
         self.attention_config = self._expand_attention()
         self.precision = self._derive_precision()

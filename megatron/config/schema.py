@@ -212,6 +212,9 @@ class CheckpointArgs:
                                              "exist in `save` (refused by default, before step 1).")
     checkpoint_verify: bool = arg(True, "Ours: check every file of a checkpoint against its "
                                         "checksums.json before loading it.")
+    allow_changed_inputs: bool = arg(False, "Ours: resume although the tokenizer, seq_length "
+                                            "or training data (prefixes, blend weights) differ "
+                                            "from the checkpoint's (refused otherwise).")
     config_files: Optional[dict] = arg(None, "Raw YAML texts by file name; filled by the "
                                              "loader and saved in every checkpoint.")
 

@@ -14,6 +14,7 @@ Item k of the dataset is sample ``shuffle_idx[k]``.
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
 
@@ -21,6 +22,8 @@ import numpy as np
 import torch
 
 from megatron.errors import DataError
+
+log = logging.getLogger(__name__)
 
 INT32_MAX = np.iinfo(np.int32).max
 
@@ -175,6 +178,20 @@ def load_or_build_index_maps(prefix, name, sizes, documents, num_samples, seq_le
     return tuple(maps), hit
 
 
+def _check_one_sequence(name: str, prefix: str, sizes, documents, seq_length: int) -> None:
+    """Data shorter than one sample would be repeated inside every sample (dozens of
+    epochs per step): refuse it for training, warn for validation and test splits."""
+    tokens = int(np.sum(np.asarray(sizes)[documents], dtype=np.int64))
+    if tokens >= seq_length + 1:
+        return
+    message = (f"{prefix}: the {name} documents hold {tokens} tokens, fewer than one sample of "
+               f"seq_length+1 = {seq_length + 1}, so each sample would repeat them "
+               f"{-(-(seq_length + 1) // max(tokens, 1))} times; preprocess more data or lower seq_length")
+    if name.startswith("train"):
+        raise DataError(message)
+    log.warning("%s", message)
+
+
 class GPT2Dataset(torch.utils.data.Dataset):
     """Item k -> {"text": int64[seq_length + 1]}, in NeoX's shuffled order.
 
@@ -186,6 +203,7 @@ class GPT2Dataset(torch.utils.data.Dataset):
                  seq_length, seed, cache_dir=None, use_shared_fs=True):
         self.name = name
         self.indexed_dataset = indexed_dataset
+        _check_one_sequence(name, data_prefix, indexed_dataset.sizes, documents, seq_length)
         (self.doc_idx, self.sample_idx, self.shuffle_idx), hit = load_or_build_index_maps(
             data_prefix, name, indexed_dataset.sizes, documents, num_samples, seq_length,
             seed, cache_dir, use_shared_fs)

@@ -174,7 +174,7 @@ def init_distributed(args) -> None:
     print(placement.describe(), flush=True)
     if torch.cuda.is_available():
         torch.cuda.set_device(placement.local_rank)
-    from megatron.training.robustness import check_extension_locks
+    from megatron.parallel.extension_locks import check_extension_locks
 
     # DeepSpeed JIT-builds its CPU comm op here; a killed build's lock would hang us
     check_extension_locks(single_node=placement.world_size == placement.local_world_size)

@@ -236,8 +236,12 @@ def _pretrain(args, started: float) -> dict:
         summary.announce_end(args, logger, start, iteration, time.perf_counter() - started,
                              guard.last_checkpoint if last_saved is not None else None)
     finally:
-        # Every ending (last step, preemption, error) stops the readers here, before the
-        # interpreter's exit; a pipeline engine still holds its stream.
+        # Every ending (last step, preemption, error) stops the readers here: an error's
+        # traceback would keep these generators (and their DataLoader workers) alive until
+        # the interpreter's exit, and a pipeline engine still holds its stream.
+        train_batches.close()
+        if valid_batches is not None:
+            valid_batches.close()
         shutdown_data_loaders()
         if watchdog is not None:
             watchdog.stop()

@@ -1,12 +1,9 @@
 """Keeping long runs alive: non-finite losses and preemption signals."""
 from __future__ import annotations
 
-import glob
 import logging
 import math
-import os
 import signal
-import time
 
 import torch
 import torch.distributed as dist
@@ -208,46 +205,3 @@ class PreemptionHandler:
         twice) must not turn its clean exit into a death by signal."""
         for sig in cls.SIGNALS:
             signal.signal(sig, signal.SIG_IGN)
-
-
-class StaleBuildLockError(UserError):
-    """A torch-extensions build lock left by a killed build (every later build waits on it)."""
-
-
-# A build on this machine holds its lock file open; one on another node sharing the
-# cache (an NFS home) cannot be seen, so there only age tells, and no build takes an hour.
-LOCK_GRACE_S = 30
-LOCK_MAX_BUILD_S = 3600
-
-
-def _lock_holders(path: str) -> bool:
-    """True when a process on this machine has ``path`` open (Linux /proc)."""
-    real = os.path.realpath(path)
-    for fd_dir in glob.glob("/proc/[0-9]*/fd"):
-        try:
-            for fd in os.listdir(fd_dir):
-                if os.readlink(os.path.join(fd_dir, fd)) == real:
-                    return True
-        except OSError:  # gone, or not ours to read
-            continue
-    return False
-
-
-def check_extension_locks(root: str | None = None, single_node: bool = True) -> None:
-    """Fail with the file to delete instead of hanging on a DeepSpeed/torch JIT-build lock
-    (``<torch_extensions>/<python_device>/<op>/lock``) whose builder was killed."""
-    if root is None:
-        from torch.utils.cpp_extension import get_default_build_root
-
-        root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
-    can_see_holders = single_node and os.path.isdir("/proc")
-    for path in glob.glob(os.path.join(root, "*", "lock")) + glob.glob(os.path.join(root, "*", "*", "lock")):
-        try:
-            age = time.time() - os.path.getmtime(path)
-        except OSError:  # released meanwhile
-            continue
-        stale = age > LOCK_MAX_BUILD_S or (can_see_holders and age > LOCK_GRACE_S and not _lock_holders(path))
-        if stale and os.path.exists(path):
-            raise StaleBuildLockError(
-                f"{path}: a DeepSpeed op build was killed {age / 60:.0f} min ago and left this lock, on "
-                f"which every launch would hang; delete it (rm {path}) and launch again")

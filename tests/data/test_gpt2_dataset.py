@@ -186,3 +186,15 @@ def test_maps_built_for_other_data_are_stale(tmp_path):
     ds = write_docs(tmp_path / "c", [np.arange(70)] * 4)  # re-preprocessed, same name
     with pytest.raises(DataError, match="stale index map"):
         GPT2Dataset("train", str(tmp_path / "c"), np.arange(4, dtype=np.int32), ds, 10, 16, 1)
+
+
+def test_data_shorter_than_one_sample_is_refused_for_training(tmp_path, caplog):
+    ds = write_docs(tmp_path / "c", [np.arange(10), np.arange(5)])  # 15 tokens, a sample needs 17
+    documents = np.arange(2, dtype=np.int32)
+    with pytest.raises(DataError, match=rf"^{tmp_path}/c: the train_0 documents hold 15 tokens, fewer than one "
+                                        r"sample of seq_length\+1 = 17, so each sample would repeat them 2 times; "
+                                        r"preprocess more data or lower seq_length$"):
+        GPT2Dataset("train_0", str(tmp_path / "c"), documents, ds, 10, 16, 1234)
+    GPT2Dataset("valid", str(tmp_path / "c"), documents, ds, 3, 16, 1)  # evaluation: a warning only
+    assert "the valid documents hold 15 tokens" in caplog.text
+    GPT2Dataset("train_0", str(tmp_path / "c"), documents, ds, 10, 14, 1234)  # 15 tokens hold one sample of 14+1

@@ -241,24 +241,51 @@ def test_non_utf8_input_is_one_line_with_the_byte_offset(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latin.jsonl", "latin.txt"]
 
 
-def test_sigterm_mid_run_keeps_the_old_dataset(tmp_path, existing_dataset):
+def _group_alive(pgid: int) -> bool:
+    import os
+
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+@pytest.mark.parametrize("signame,workers", [("SIGTERM", 1), ("SIGINT", 2)])
+def test_sigterm_mid_run_keeps_the_old_dataset(tmp_path, existing_dataset, signame, workers):
+    """SIGTERM, or Ctrl-C (SIGINT to the whole process group, tokenizer workers included):
+    one line, no traceback, the status 128 + signal, the old dataset untouched."""
     import os
     import signal
     import subprocess
     import time
 
+    signum = getattr(signal, signame)
     prefix, before = existing_dataset
     big = write_jsonl(tmp_path / "big.jsonl", many_docs(100_000))
     script = Path(__file__).resolve().parents[2] / "tools" / "datasets" / "preprocess_data.py"
     proc = subprocess.Popen([sys.executable, str(script), "--input", big, "--output-prefix", prefix,
-                             "--tokenizer-type", "HFTokenizer", "--vocab-file", AUSTEN_BPE],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 60
-    while not any(".tmp-" in name for name in os.listdir(tmp_path / "out")):
-        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+                             "--tokenizer-type", "HFTokenizer", "--vocab-file", AUSTEN_BPE, "--workers", str(workers)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 60
+        while not any(".tmp-" in name for name in os.listdir(tmp_path / "out")):
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read()
+            time.sleep(0.05)
+        os.killpg(proc.pid, signum)  # as a terminal's Ctrl-C reaches every process of the job
+        assert proc.wait(timeout=60) == 128 + signum
+        stderr = proc.stderr.read()
+        assert "Traceback" not in stderr, stderr
+        message = (f"preprocess_data: stopped by {signame}; its temporary files are removed and any dataset "
+                   f"already at --output-prefix is unchanged")
+        assert stderr.replace("\r", "\n").splitlines().count(message) == 1, stderr  # beside the progress bar
+        deadline = time.time() + 10
+        while _group_alive(proc.pid) and time.time() < deadline:  # the tokenizer workers went with it
+            time.sleep(0.05)
+        assert not _group_alive(proc.pid)
+    finally:
+        if _group_alive(proc.pid):
+            os.killpg(proc.pid, signal.SIGKILL)
     assert files_of(tmp_path / "out") == before
 
 

@@ -151,3 +151,30 @@ def test_generation_keys_are_checked(tmp_path):
         Sampling.from_args(NeoXArgs.from_ymls([str(TINY)], overrides={"top_p": 1.5}))
     (tmp_path / "p.txt").write_text("a###b###  ###")
     assert read_prompts(tmp_path / "p.txt", "###") == ["a", "b"]
+
+
+def test_maximum_tokens_beyond_the_context_is_named(caplog):
+    """maximum_tokens 100000 on a 16-token context: a warning up front, and each completion
+    that stopped at the context says so (instead of ending silently short)."""
+    from megatron.config import NeoXArgs
+    from megatron.text_generation import Generator
+    from megatron.tokenizer.tokenizer import HFTokenizer
+
+    tokenizer = HFTokenizer(str(TOKENIZER))
+    never_ends = tokenizer.eod + 7
+
+    def logits_fn(batch):
+        logits = torch.zeros(batch.shape[0], batch.shape[1], tokenizer.vocab_size)
+        logits[..., never_ends] = 1.0
+        return logits
+
+    args = NeoXArgs.from_ymls([str(TINY)], overrides={"maximum_tokens": 100000})
+    generator = Generator(logits_fn, tokenizer, args, max_positions=16)
+    assert ("maximum_tokens 100000 is beyond the model's context of 16 tokens (max_position_embeddings): "
+            "completions stop when prompt + completion fill it; lower maximum_tokens to at most 15") in caplog.text
+    record = generator.complete("")  # the prompt is one end-of-document token
+    assert record["length"] == 15 and not record["finished"]
+    assert record["message"] == ("stopped at the context limit: prompt + completion reached max_position_embeddings "
+                                 "16 tokens before maximum_tokens 100000")
+    generator.max_new_tokens = 4  # stopping at maximum_tokens is what was asked: no message
+    assert generator.complete("")["message"] is None

@@ -6,6 +6,7 @@ One real tiny training run (pipelined, so the checkpoint has per-layer files, L2
 saves step 2; each case damages a copy of it and tries to resume from it.
 """
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -33,7 +34,17 @@ def _flip_byte(path):
     path.write_bytes(bytes(data))
 
 
-# (name, damage to the copied step dir, config changes, expected message parts)
+def _swap_two_tokens(path):
+    """Another tokenizer of the same vocabulary size."""
+    spec = json.loads(path.read_text())
+    vocab = spec["model"]["vocab"]
+    first, second = sorted(vocab, key=vocab.get)[100:102]
+    vocab[first], vocab[second] = vocab[second], vocab[first]
+    path.write_text(json.dumps(spec))
+
+
+# (name, damage to the copied step dir, config changes, expected message parts or None
+# for a checkpoint that loads)
 CASES = [
     ("truncated", lambda step: _truncate(step / LAYER), {"checkpoint_verify": False},
      [f"{STEP}/{LAYER} is truncated", "load another 'iteration'"]),
@@ -43,6 +54,17 @@ CASES = [
      [f"{STEP}/{LAYER} is missing", "the checkpoint is incomplete"]),
     ("missing extra state", lambda step: (step / "rank_00000_extra_state.pt").unlink(), {"checkpoint_verify": False},
      [f"{STEP}/rank_00000_extra_state.pt is missing", "no_load_rng: true"]),
+    ("empty latest", lambda step: (step.parent / "latest").write_text(""), {},
+     ["latest is empty; write the step to resume into it (one of ['global_step2'])", "'iteration' key"]),
+    ("past train_iters", lambda step: None, {"train_iters": 1, "lr_decay_iters": 1, "override_lr_scheduler": True},
+     [f"{STEP} is at iteration 2, past train_iters=1", "raise train_iters above 2"]),
+    ("other tokenizer", lambda step: _swap_two_tokens(step / "tokenizer" / "austen_bpe4k.json"),
+     {"checkpoint_verify": False}, ["was trained on other inputs: tokenizer ", "allow_changed_inputs: true"]),
+    ("other seq_length", lambda step: None, {"seq_length": 16},
+     ["was trained on other inputs: seq_length 32 -> 16"]),
+    # no_load_rng alone recovers from a lost extra state (its checksum is not asked for)
+    ("missing extra state, no_load_rng", lambda step: (step / "rank_00000_extra_state.pt").unlink(),
+     {"no_load_rng": True}, None),
     ("wrong hidden size", lambda step: None, {"hidden_size": 64},
      ["holds a model with hidden_size=32, the config asks for 64"]),
     # Same shapes, other meaning: caught from the checkpoint's configs/.
@@ -81,19 +103,24 @@ DAMAGE = {name: damage for name, damage, _, _ in CASES}
 @pytest.fixture(scope="module")
 def damaged_messages(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("damaged")
-    attempts = [(name, _base(tmp, save=None, train_iters=3, **changes)) for name, _, changes, _ in CASES]
+    attempts = [(name, _base(tmp, **{"save": None, "train_iters": 3, **changes})) for name, _, changes, _ in CASES]
     messages = run_distributed(_train_then_load_damaged, world_size=1, init_deepspeed=True, timeout=600,
                                args=(str(tmp), _base(tmp), attempts))[0]
     return tmp, dict(zip([c[0] for c in CASES], messages))
 
 
-@pytest.mark.parametrize("name,parts", [(c[0], c[3]) for c in CASES])
+@pytest.mark.parametrize("name,parts", [(c[0], c[3]) for c in CASES if c[3] is not None])
 def test_damaged_checkpoint_gives_one_named_error(damaged_messages, name, parts):
     message = damaged_messages[1][name]
     assert message is not None, f"{name}: the damaged checkpoint was loaded"
     assert "\n" not in message and message.startswith("load: ")
     for part in parts:
         assert part in message, (name, message)
+
+
+def test_loadable_cases_load(damaged_messages):
+    for name in [c[0] for c in CASES if c[3] is None]:
+        assert damaged_messages[1][name] is None, (name, damaged_messages[1][name])
 
 
 def _inspect(*argv):

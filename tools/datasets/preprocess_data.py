@@ -209,6 +209,7 @@ class Encoder:
 
 
 _encoder: Encoder | None = None
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
 def _worker_init(encoder):
@@ -216,8 +217,19 @@ def _worker_init(encoder):
     # The parent cleans up on Ctrl-C/SIGTERM and then terminates the workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # blocked by _start_pool
     _encoder = encoder
     _encoder.start()
+
+
+def _start_pool(workers: int, encoder):
+    """Workers are forked with Ctrl-C and SIGTERM blocked: one arriving before
+    _worker_init set their handlers would otherwise run the parent's handler in them."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        return multiprocessing.Pool(workers, initializer=_worker_init, initargs=(encoder,))
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _worker_encode(item):
@@ -251,7 +263,7 @@ def preprocess(inputs, output_prefix, tokenizer_args, keys=("text",), append_eod
         for key in keys:
             writers[key] = DatasetWriter(f"{output_prefix}_{key}_document", dtype)
         if workers > 1:
-            pool = multiprocessing.Pool(workers, initializer=_worker_init, initargs=(encoder,))
+            pool = _start_pool(workers, encoder)
             results = pool.imap(_worker_encode, reader, chunksize=64)
         else:
             encoder.start()
@@ -349,8 +361,20 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def _exit_on_sigterm(signum, frame):
-    sys.exit(128 + signum)  # unwinds, so the temporary files are removed
+class _Stopped(BaseException):
+    """Ctrl-C or SIGTERM, raised in the parent only: it unwinds through preprocess, which
+    removes the temporary files (a KeyboardInterrupt would print the parent's traceback
+    and the pool's)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop(signum, frame):
+    for sig in _STOP_SIGNALS:  # a second Ctrl-C must not cut the cleanup short
+        signal.signal(sig, signal.SIG_IGN)
+    raise _Stopped(signum)
 
 
 @cli_main
@@ -361,13 +385,19 @@ def main(argv=None):
                         f"only format neox-l2e and current GPT-NeoX read); drop the flag")
     if args.log_interval < 1 or args.workers < 1:
         raise DataError("--log-interval and --workers must be at least 1")
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, _stop)
     tokenizer_args = SimpleNamespace(tokenizer_type=args.tokenizer_type,
                                      vocab_file=args.vocab_file, merge_file=args.merge_file)
-    preprocess(args.input.split(","), args.output_prefix, tokenizer_args, args.jsonl_keys,
-               args.append_eod, args.workers, args.on_error, fix_text=args.ftfy,
-               txt_paragraphs=args.txt_paragraphs, log_interval=args.log_interval,
-               num_docs=args.num_docs)
+    try:
+        preprocess(args.input.split(","), args.output_prefix, tokenizer_args, args.jsonl_keys,
+                   args.append_eod, args.workers, args.on_error, fix_text=args.ftfy,
+                   txt_paragraphs=args.txt_paragraphs, log_interval=args.log_interval,
+                   num_docs=args.num_docs)
+    except _Stopped as stop:
+        print(f"preprocess_data: stopped by {signal.Signals(stop.signum).name}; its temporary files are "
+              f"removed and any dataset already at --output-prefix is unchanged", file=sys.stderr, flush=True)
+        sys.exit(128 + stop.signum)
 
 
 if __name__ == "__main__":
