@@ -185,6 +185,12 @@ def _offline_task(tmp_path):
     return f"error: {_data_error('sciq', offline)}"
 
 
+def _watchdog_line(**kw):
+    from megatron.training.watchdog import silent_peer_line
+
+    return silent_peer_line(rank=0, **kw)
+
+
 ERROR_PRODUCERS = {  # the quoted line -> how the code produces it for the input the doc states
     "error: configs/mine.yml: unknown key 'hiden_size' (did you mean 'hidden_size'?)":
         lambda tmp: _config_error({"configs/mine.yml": "hiden_size: 128\n"}, ["configs/mine.yml"], tmp),
@@ -196,6 +202,8 @@ ERROR_PRODUCERS = {  # the quoted line -> how the code produces it for the input
     "error: eval: task 'sciq' cannot load its dataset without network (Couldn't reach 'allenai/sciq' on the Hub "
     "(OfflineModeIsEnabled)); download it into an HF cache on a machine with internet and set HF_HOME and "
     "HF_DATASETS_OFFLINE=1 here (docs/eval.md, 'Offline evaluation')": _offline_task,
+    "error: rank 1 on node2 has not answered for 120 s (stopped, hung or gone; peer_heartbeat_timeout_seconds: 120); "
+    "rank 0 exits so that the job ends": lambda tmp: _watchdog_line(peer=1, host="node2", quiet_s=120.2, timeout_s=120),
 }
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-import torch.distributed as dist
 
 from megatron.checkpoint import collective, elastic, files, resume_checks, rng, tags, weights
 from megatron.errors import CheckpointError
@@ -69,6 +68,14 @@ def _tag_dir(directory: str, tag: str) -> str:
         f"load: checkpoint {path} does not exist; check 'load' / 'iteration' "
         f"(available: {[t for _, t in tags.list_checkpoints(directory)]})"
     )
+
+
+def _layout_without_groups(args, engine) -> dict:
+    """An engine built without parallel groups: no tensor parallelism, data-parallel
+    over the whole world (elastic.current_layout describes a run with groups)."""
+    _, world = collective.rank_world()
+    return {"tp": 1, "pp": getattr(args, "pipe_parallel_size", 0), "dp": world,
+            "zero_stage": engine.zero_optimization_stage(), "world_size": world}
 
 
 def layout_differences(saved: dict, current: dict) -> list[str]:
@@ -273,12 +280,11 @@ def load_checkpoint(args, engine, groups, l2e=None) -> int:
         return _continue_from_weights(args, engine, groups, l2e, info, 0)
     if info.kind == "weights":
         return _continue_from_weights(args, engine, groups, l2e, info, info.iteration or 0)
-    current = elastic.current_layout(args, engine)
     if groups is not None:  # elastic's own comparison also catches a resharded checkpoint
-        if elastic.needs_elastic(elastic.saved_layout(info.path), current):
+        if elastic.needs_elastic(elastic.saved_layout(info.path), elastic.current_layout(args, engine)):
             return _load_other_layout(args, engine, groups, l2e, info)
-    elif layout_differences(info.layout, current):
-        changed = ", ".join(layout_differences(info.layout, current))
+    elif layout_differences(info.layout, _layout_without_groups(args, engine)):
+        changed = ", ".join(layout_differences(info.layout, _layout_without_groups(args, engine)))
         raise CheckpointError(
             f"load: {info.path} was saved with another parallel layout ({changed}); resume with the "
             f"layout it was saved with, or load its weights only with 'finetune: true'"

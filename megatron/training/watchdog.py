@@ -28,6 +28,11 @@ DONE = "done"
 STOP_WAIT_S = 10
 
 
+def silent_peer_line(peer: int, host: str, quiet_s: float, timeout_s: float, rank: int) -> str:
+    return (f"error: rank {peer} on {host} has not answered for {quiet_s:.0f} s (stopped, hung or gone; "
+            f"peer_heartbeat_timeout_seconds: {timeout_s:g}); rank {rank} exits so that the job ends")
+
+
 class PeerWatchdog:
     """This rank's heartbeat and its watch over every other rank's (module docstring)."""
 
@@ -82,9 +87,7 @@ class PeerWatchdog:
         try:
             key = f"process/{peer}"
             host, pid = self._store.get(key).decode().split() if self._store.check([key]) else ("an unknown node", "0")
-            print(f"error: rank {peer} on {host} has not answered for {quiet_s:.0f} s (stopped, hung or "
-                  f"gone; peer_heartbeat_timeout_seconds: {self.timeout_s:g}); rank {self.rank} exits so "
-                  f"that the job ends", file=sys.stderr, flush=True)
+            print(silent_peer_line(peer, host, quiet_s, self.timeout_s, self.rank), file=sys.stderr, flush=True)
             if host == socket.gethostname():
                 # A stopped process ignores the SIGTERM its launcher would send first (torchrun
                 # then waits 30 s before SIGKILL); on this machine, end it now.
