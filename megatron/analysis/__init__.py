@@ -4,6 +4,9 @@ Pipeline: a labelled feature dataset (``features``) -> one forward pass collecti
 neuron values (``collect``) -> MS statistics (``ms``), probing (``probe``) and the
 paper's studies (``studies``) -> figures (``plots``). ``thresholds`` reads training
 logs for the τ curves of Fig. 12.
+
+Reads checkpoints through megatron.checkpoint and data through megatron.data; it is used
+by tools/analysis/ and never by training.
 """
 from megatron.analysis.collect import Activations, collect_activations, open_activations
 from megatron.analysis.features import FeatureSet, balance, gather_sources, read_features, write_features

@@ -150,7 +150,7 @@ def _refuse_older_source(args, iteration: int | None) -> None:
 
 def _load_other_layout(args, engine, groups, l2e, info) -> int:
     """The checkpoint was saved with another parallel layout than this run's (or by
-    tools/ckpts/reshard.py): megatron/training/elastic.py reads it by parameter name."""
+    tools/ckpts/reshard.py): elastic.py reads it by parameter name."""
     iteration = elastic.load_other_layout(args, engine, groups, info.path, l2e)
     optimizer = "✓ (resharded)" if info.has_optimizer and not args.no_load_optim else "✗ (fresh)"
     return _report(Restored(source=f"{info.path} (another layout)", iteration=iteration,

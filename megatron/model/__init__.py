@@ -1,4 +1,7 @@
-"""GPT-NeoX model in plain torch (knows nothing of ranks) and its initialisation."""
+"""GPT-NeoX model in plain torch and its initialisation.
+
+Knows nothing of ranks, DeepSpeed or checkpoints; imports only errors. Tensor and
+pipeline parallelism are applied to it from outside (megatron.parallel)."""
 from megatron.model.gpt_neox import (
     MLP,
     Attention,

@@ -1,5 +1,8 @@
-"""Parallelism applied from outside the model: process groups, tensor parallelism,
-activation checkpointing and the DeepSpeed pipeline module."""
+"""Parallelism applied from outside the model: the process groups and how a rank joins
+them (``distributed``), tensor-parallel layers and sharding, activation checkpointing,
+the DeepSpeed pipeline module, and the JIT-build locks distributed start-up waits on.
+
+May import the model and errors only; config, checkpoints and training sit above it."""
 from megatron.parallel.apply import (
     LayerInit,
     apply_activation_checkpointing,
