@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from megatron.launcher import RANK_VARIABLES
+
 sys.path.insert(0, str(Path(__file__).parent))
 import simcluster  # noqa: E402
 
@@ -31,7 +33,10 @@ class Cluster:
     def env(self, **extra) -> dict:
         """A launching process's environment: slurm found, this checkout first on the path."""
         path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
-        return dict(os.environ, **simcluster.slurm_environment(), PYTHONPATH=path,
+        # An earlier in-process run in this pytest process leaves RANK/WORLD_SIZE behind; a
+        # shell launching a job has none (a rank reads them before slurm's or MPI's).
+        inherited = {k: v for k, v in os.environ.items() if k not in RANK_VARIABLES}
+        return dict(inherited, **simcluster.slurm_environment(), PYTHONPATH=path,
                     DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
 
     def on_node(self, node: str, command: str, timeout: float = 60) -> subprocess.CompletedProcess:

@@ -64,6 +64,6 @@ def test_disk_full_mid_save_is_one_line_and_the_process_exits(tmp_path, small_di
     assert re.fullmatch(rf"error: save: disk full writing global_step2 to {save} \([0-9.]+ [MG]iB free, a checkpoint "
                         rf"needs about [0-9.]+ [MG]iB\); free space there or point save at a larger disk, then "
                         rf"resume \({save}/global_step1 is intact\)", lines[-1]), lines[-1]
-    assert sorted(os.listdir(save)) == ["global_step1", "latest"]  # no global_step2.tmp
+    assert sorted(os.listdir(save)) == ["checkpoint_health.json", "global_step1", "latest"]  # no global_step2.tmp
     assert (save / "latest").read_text() == "global_step1"
     assert _processes_mentioning(str(save)) == []  # the DataLoader workers ended with their rank
