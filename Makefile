@@ -25,10 +25,16 @@ $(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
 
 install: $(VENV)/.installed
 
+# A run never overwrites its own checkpoints (docs/reliability.md), so a demo already
+# trained is reported rather than refused; `make clean` trains it again.
+TRAINED = [ -f $(1)/latest ] && echo "$(1) already holds a trained demo ($$(cat $(1)/latest)); 'make clean' to train it again"
+
 demo: install
+	@$(call TRAINED,runs/tiny/checkpoints) || \
 	$(BIN)/python deepy.py train.py configs/local/tiny.yml
 
 demo-monitor: install
+	@$(call TRAINED,runs/tiny_monitor/checkpoints) || \
 	$(BIN)/python deepy.py train.py configs/local/tiny.yml --override l2e.inhibition=none \
 		log_dir=runs/tiny_monitor/logs save=runs/tiny_monitor/checkpoints
 
