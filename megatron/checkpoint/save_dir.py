@@ -24,6 +24,9 @@ import time
 
 import torch.distributed as dist
 
+from megatron.checkpoint import collective
+from megatron.checkpoint.save import should_save
+from megatron.checkpoint.tags import list_checkpoints
 from megatron.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -177,9 +180,8 @@ def lock_save_dir(args) -> SaveDirLock | None:
     """Collective: rank 0 takes ``args.save``'s lock; every rank fails together when it cannot."""
     if not args.save:
         return None
-    rank = dist.get_rank() if dist.is_initialized() else 0
     lock, error = None, None
-    if rank == 0:
+    if collective.rank() == 0:
         lock = SaveDirLock(args.save)
         try:
             lock.acquire()
@@ -194,15 +196,11 @@ def lock_save_dir(args) -> SaveDirLock | None:
 
 
 def existing_steps(directory: str) -> list[int]:
-    from megatron.checkpoint.tags import list_checkpoints
-
     return [it for it, _ in list_checkpoints(directory)] if os.path.isdir(directory) else []
 
 
 def planned_saves(args, start: int) -> list[int]:
     """The steps this run will save at, from ``start`` (its own starting checkpoint excluded)."""
-    from megatron.checkpoint.save import should_save
-
     steps = [it for it in range(start + 1, args.train_iters + 1) if should_save(args, it)]
     if start == 0 and should_save(args, 0):
         steps.insert(0, 0)

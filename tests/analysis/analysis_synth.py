@@ -1,5 +1,9 @@
-"""Synthetic activation folders with planted monosemantic neurons (known answers)."""
+"""Synthetic activation folders with planted monosemantic neurons (known answers), and
+the analysis CLIs loaded as modules."""
+import importlib.util
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -31,3 +35,15 @@ def write_activation_folder(path, layers: dict, labels, name="model", dataset="s
                 "inhibited_layers": list(inhibited_layers)}
     (path / "manifest.json").write_text(json.dumps(manifest))
     return path
+
+
+TOOLS = Path(__file__).resolve().parents[2] / "tools" / "analysis"
+sys.path.insert(0, str(TOOLS))  # the CLIs import their shared _common module
+
+
+def load_tool(name: str):
+    """tools/analysis/NAME.py as a module (the CLIs are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_cli", TOOLS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

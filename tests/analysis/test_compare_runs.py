@@ -1,28 +1,23 @@
 """compare_runs.py's pieces that need no training: held-out windows, mean ± sd, table, figure;
 and the figure conventions of megatron.analysis.plots."""
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
+from analysis_synth import load_tool
 
 from megatron.analysis import plots
 from megatron.data.data_utils import split_boundaries
 from megatron.data.indexed_dataset import MMapIndexedDataset
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tools" / "analysis"))
 
 
 @pytest.fixture(scope="module")
 def compare():
-    spec = importlib.util.spec_from_file_location("compare_runs_cli", REPO / "tools" / "analysis" / "compare_runs.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("compare_runs")
 
 
 def test_heldout_windows_are_the_validation_chapters(compare):

@@ -1,30 +1,24 @@
 """Several seeds per arm in the report: mean ± sd, a verdict computed from the numbers,
 "one seed" said wherever there is only one, and summary numbers equal to the figures' data."""
-import importlib.util
 import json
 import math
 import statistics
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from analysis_synth import planted_layer, write_activation_folder
+from analysis_synth import load_tool, planted_layer, write_activation_folder
 
 from megatron.analysis import fkr, ks_scale, ms_layers
 from megatron.analysis.seeds import SPREAD_FACTOR, aggregate, verdict
 from megatron.analysis.thresholds import aggregate_series
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tools" / "analysis"))
 
 
 @pytest.fixture(scope="module")
 def report():
-    spec = importlib.util.spec_from_file_location("report_cli", REPO / "tools" / "analysis" / "report.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("report")
 
 
 def _arm(tmp_path, name, seeds, planted, inhibited):

@@ -62,12 +62,18 @@ def _deepy_command(tmp_path, hostfile=None, **extra) -> list[str]:
             "--override", *(f"{k}={json.dumps(v)}" for k, v in overrides.items())]
 
 
-def _stop_after_two_steps(cluster, tmp_path, cmd, stop) -> str:
-    """Start ``cmd``, call ``stop(proc)`` once two steps are logged; the job's output."""
+def _start_job(cluster, tmp_path, cmd):
+    """``cmd`` in its own session (so a failed test can kill all of it), output in job.log."""
     output = tmp_path / "job.log"
     with open(output, "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=cluster.env(**{JOB_MARK: str(tmp_path)}), stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
+    return proc, output
+
+
+def _stop_after_two_steps(cluster, tmp_path, cmd, stop) -> str:
+    """Start ``cmd``, call ``stop(proc)`` once two steps are logged; the job's output."""
+    proc, output = _start_job(cluster, tmp_path, cmd)
     try:
         _wait_for_steps(tmp_path / "logs" / "metrics.jsonl", 2, proc)
         stop(proc)
@@ -126,10 +132,7 @@ def test_a_stopped_rank_ends_the_slurm_job_naming_it(cluster, tmp_path):
     and exits 1, srun ends the job (--kill-on-bad-exit), and deepy exits non-zero."""
     hostfile = cluster.hostfile(tmp_path, {"node1": 1, "node2": 1})
     cmd = _deepy_command(tmp_path, hostfile, launcher="slurm", peer_heartbeat_timeout_seconds=6)
-    output = tmp_path / "job.log"
-    with open(output, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=cluster.env(**{JOB_MARK: str(tmp_path)}), stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+    proc, output = _start_job(cluster, tmp_path, cmd)
     try:
         _wait_for_steps(tmp_path / "logs" / "metrics.jsonl", 2, proc)
         rank_1 = [p for p in psutil.process_iter() if _is_job_rank(p, str(tmp_path), "1")]
